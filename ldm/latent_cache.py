@@ -1,0 +1,80 @@
+"""VAE latents cached on disk, one small safetensors file per image.
+
+The file name is a hash of everything the latents depend on: the image file's bytes, the VAE's weights and
+config, the target size and the pixel transform (with the number of augmented variants). Changing any of
+them changes the name, so stale entries are never read; they are simply recomputed under the new name.
+Each entry holds ``mean`` and ``logvar`` of q(z | x) with shape (V, C, h, w) for V augmented variants, so
+the trainer can still draw z ~ q(z | x) (as Rombach et al. 2022 train on samples, not means).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import Record, Transform, derive_seed, generator
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """Hash of the VAE's weights (and config, when it has one)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(getattr(vae, "config", "")).encode())
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def entry_key(path: Path, vae_id: str, size: tuple[int, int], transform: Transform, variants: int) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(path.read_bytes())
+    h.update(f"|{vae_id}|{size}|{transform.fingerprint()}|{variants}".encode())
+    return h.hexdigest()
+
+
+class LatentCache:
+    """Encode what is missing, then hand out per-item (mean, logvar) tensors."""
+
+    def __init__(self, folder: str | Path, vae: torch.nn.Module, transform: Transform, variants: int = 1):
+        self.folder = Path(folder)
+        self.vae, self.transform = vae, transform
+        self.variants = variants if transform.is_random else 1
+        self.vae_id = vae_fingerprint(vae)
+
+    def _file(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    @torch.no_grad()
+    def _encode(self, record: Record, size: tuple[int, int], key: str) -> None:
+        seed = int(key[:15], 16)
+        pixels = torch.stack([self.transform(record.path, size, generator(derive_seed(seed, v)))
+                              for v in range(self.variants)])
+        param = next(self.vae.parameters())
+        dist = self.vae.encode(pixels.to(param.device, param.dtype))
+        tensors = {"mean": dist.mean.float().cpu().contiguous(), "logvar": dist.logvar.float().cpu().contiguous()}
+        target = self._file(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, target)   # atomic: a reader sees the whole entry or none
+
+    def prepare(self, records: list[Record], sizes: list[tuple[int, int]], *, rank: int = 0, world: int = 1,
+                barrier=None, progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Encode the missing entries (process ``rank`` takes every ``world``-th) and load them all."""
+        keys = [entry_key(r.path, self.vae_id, s, self.transform, self.variants) for r, s in zip(records, sizes)]
+        todo = [i for i in range(rank, len(records), world) if not self._file(keys[i]).is_file()]
+        if todo:
+            from tqdm.auto import tqdm
+            for i in tqdm(todo, desc="caching latents", disable=not progress):
+                self._encode(records[i], sizes[i], keys[i])
+        if barrier is not None:
+            barrier()
+        out = []
+        for k in keys:
+            t = load_file(str(self._file(k)))
+            out.append((t["mean"], t["logvar"]))
+        return out
