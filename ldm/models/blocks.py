@@ -1,0 +1,261 @@
+"""Convolutional building blocks shared by the U-Net and the VAE: the timestep embedding, the residual block,
+down/up-sampling, and the down / up / mid stages that chain them (optionally with attention).
+
+The layout and parameter names follow diffusers' ResnetBlock2D, Downsample2D, Upsample2D and the
+*Block2D classes of diffusers/models/unets/unet_2d_blocks.py, so their state dicts load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.models.checkpointing import Checkpointed
+
+# Builds the attention module that follows each resnet of a stage, given the stage's channel count.
+AttentionFactory = Callable[[int], nn.Module]
+
+
+def timestep_embedding(
+    t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0, max_period: float = 1e4
+) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim), float32.
+
+    Transformer position encoding (Vaswani et al. 2017, §3.5) as used by DDPM (Ho et al. 2020): frequencies
+    f_i = max_period^(-i / (dim/2 - freq_shift)), i = 0 .. dim/2 - 1, features [sin(t f), cos(t f)], or
+    [cos, sin] with flip_sin_to_cos (SD's order); an odd dim gets one zero column.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    angles = t.float()[:, None] * freqs[None, :]
+    parts = (angles.cos(), angles.sin()) if flip_sin_to_cos else (angles.sin(), angles.cos())
+    emb = torch.cat(parts, dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal features: linear, SiLU, linear (keys linear_1, linear_2)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock(Checkpointed):
+    """Pre-activation residual block (He et al. 2016) with GroupNorm and SiLU; the projected timestep
+    embedding, when given, is added between the two convolutions (Ho et al. 2020, appendix B).
+    A 1x1 conv_shortcut matches channels when in != out. The output is (shortcut + h) / output_scale."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        *,
+        groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+        output_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.output_scale = output_scale
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def _forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = shortcut + h
+        return out if self.output_scale == 1.0 else out / self.output_scale
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution. padding=0 pads one pixel on the right and bottom only (the VAE encoder's
+    asymmetric padding from the original LDM code)."""
+
+    def __init__(self, channels: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling (or to `size`, to match an odd-sized skip tensor), then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)
+
+
+def _apply_attention(attn: nn.Module, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    return attn(h) if context is None else attn(h, context)
+
+
+class DownStage(nn.Module):
+    """One resolution level of an encoder path: `layers` resnets (each optionally followed by attention),
+    then an optional stride-2 downsample. Returns the output and the skip tensors (one per resnet, plus the
+    downsampled map), which the U-Net's up path consumes in reverse.
+
+    Covers diffusers' CrossAttnDownBlock2D (attention given), DownBlock2D and, without time embedding and with
+    downsample padding 0, the VAE's DownEncoderBlock2D."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        layers: int,
+        *,
+        attention: AttentionFactory | None = None,
+        downsample: bool = True,
+        downsample_padding: int = 1,
+        groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, temb_channels,
+                        groups=groups, eps=eps, dropout=dropout)
+            for i in range(layers)
+        )
+        if attention is not None:
+            self.attentions = nn.ModuleList(attention(out_channels) for _ in range(layers))
+        else:
+            self.attentions = None
+        if downsample:
+            self.downsamplers = nn.ModuleList([Downsample(out_channels, downsample_padding)])
+        else:
+            self.downsamplers = None
+
+    def forward(
+        self, h: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, temb)
+            if self.attentions is not None:
+                h = _apply_attention(self.attentions[i], h, context)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        return h, skips
+
+
+class UpStage(nn.Module):
+    """One resolution level of a decoder path: `layers` resnets (each optionally followed by attention), then
+    an optional 2x upsample.
+
+    With `skip_channels` (the U-Net), resnet i first concatenates the matching skip tensor from the down path
+    (popped from the end, as the down path pushed them), so its input has prev + skip channels. Without
+    (the VAE's UpDecoderBlock2D) it is a plain stack. Covers CrossAttnUpBlock2D, UpBlock2D, UpDecoderBlock2D.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        layers: int,
+        *,
+        skip_channels: Sequence[int] | None = None,
+        attention: AttentionFactory | None = None,
+        upsample: bool = True,
+        groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        skips = list(skip_channels) if skip_channels is not None else [0] * layers
+        if len(skips) != layers:
+            raise ValueError(f"UpStage needs one skip channel count per layer ({layers}), got {len(skips)}")
+        self.resnets = nn.ModuleList(
+            ResnetBlock((in_channels if i == 0 else out_channels) + skips[i], out_channels, temb_channels,
+                        groups=groups, eps=eps, dropout=dropout)
+            for i in range(layers)
+        )
+        if attention is not None:
+            self.attentions = nn.ModuleList(attention(out_channels) for _ in range(layers))
+        else:
+            self.attentions = None
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        skips: Sequence[torch.Tensor] | None = None,
+        temb: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            if skips is not None:
+                h = torch.cat([h, skips[-1 - i]], dim=1)
+            h = resnet(h, temb)
+            if self.attentions is not None:
+                h = _apply_attention(self.attentions[i], h, context)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h, size)
+        return h
+
+
+class MidStage(nn.Module):
+    """The bottleneck: resnet, attention, resnet (diffusers' UNetMidBlock2DCrossAttn with cross-attention, the
+    VAE's UNetMidBlock2D with single-head self-attention; `attention=None` leaves just the two resnets)."""
+
+    def __init__(
+        self,
+        channels: int,
+        temb_channels: int | None,
+        *,
+        attention: AttentionFactory | None = None,
+        groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+        output_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(channels, channels, temb_channels, groups=groups, eps=eps, dropout=dropout,
+                        output_scale=output_scale)
+            for _ in range(2)
+        )
+        self.attentions = nn.ModuleList([attention(channels)]) if attention is not None else None
+
+    def forward(
+        self, h: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.resnets[0](h, temb)
+        if self.attentions is not None:
+            h = _apply_attention(self.attentions[0], h, context)
+        return self.resnets[1](h, temb)
