@@ -1,0 +1,7 @@
+"""``python -m ldm ...`` is the ``ldm`` command (also under ``accelerate launch -m ldm``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
