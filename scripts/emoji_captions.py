@@ -25,20 +25,26 @@ _YOU_SOUND = ("uni", "use", "usu", "ute", "uku", "eu", "ewe")          # a unico
 _VOWEL_LETTERS = set("aefhilmnorsx")                                   # letters whose name starts with a vowel
 _SINGULAR_S = {"rhinoceros", "tennis", "lacrosse"}                     # end in -s but take no plural reading
 _PLURAL_WORDS = {"people", "men", "women", "children"}
+_PERSON = _PLURAL_WORDS | {"person", "man", "woman", "child", "boy", "girl"}
 # Names that read as mass nouns, activities or adjectives: "a sushi" or "a locked" would be wrong.
 _NO_ARTICLE = {
     "sushi", "spaghetti", "bread", "popcorn", "candy", "custard", "fondue", "bacon", "salt", "butter", "mate",
     "ice", "wood", "fog", "foggy", "cooked rice", "curry rice", "sake", "high voltage", "cooking", "oden",
     "falafel", "dna", "construction", "camping", "bowling", "badminton", "ping pong", "field hockey",
     "ice hockey", "lacrosse", "tennis", "mount fuji", "locked", "unlocked", "locked with key", "locked with pen",
+    "horse racing", "santa claus", "mrs. claus", "mx claus",
 }
+_SPELLED = {"AB", "ATM", "CL", "ID", "NG", "SOS", "VS"}                  # read letter by letter: "an SOS button"
 _DEFINITE = {"statue of liberty", "tokyo tower", "milky way", "kaaba"}
 _HEAD_CUT = re.compile(r":| with | without | of | on | in | behind | showing | at | over ")
 
 
 def indefinite_article(phrase: str) -> str:
     """'a' or 'an' for the phrase, by the sound of its first word ("an ox", "a unicorn", "an x-ray")."""
-    word = phrase.strip().split(" ")[0].lower()
+    first = phrase.strip().split(" ")[0]
+    word = first.lower()
+    if first in _SPELLED:
+        return "an" if word[0] in _VOWEL_LETTERS else "a"
     digits = re.match(r"\d+", word)
     if digits:  # "an 8 ball", "an 11-year", "a 1st place medal"
         d = digits.group()
@@ -57,6 +63,9 @@ def is_plural(name: str) -> bool:
     head = _HEAD_CUT.split(name.lower(), maxsplit=1)[0].split()
     if not head:
         return False
+    # "woman lifting weights": a person's noun comes before the participle ("flower playing cards" is plural)
+    participle = next((i for i, w in enumerate(head) if i and w.endswith("ing") and head[i - 1] in _PERSON), None)
+    head = head[:participle]
     if _PLURAL_WORDS.intersection(head):
         return True
     last = head[-1]

@@ -30,7 +30,7 @@ from emoji_captions import GAMES, Emoji, can_play, pair_captions, single_caption
 
 REPO = Path(__file__).resolve().parents[1]
 LICENSES = REPO / "ldm" / "assets" / "licenses"
-FORMAT_VERSION = 1  # bump when the output of the same inputs changes, so old builds are redone
+CODE = [Path(__file__).resolve(), Path(__file__).resolve().with_name("emoji_captions.py")]  # in the build stamp
 
 STYLES = {"google": ("emoji-datasource-google", "16.0.0"), "twitter": ("emoji-datasource-twitter", "16.0.0")}
 NAMES = ("unicode-emoji-json", "0.9.0")  # pinned: `npm view unicode-emoji-json version` on 2026-11-22
@@ -382,7 +382,8 @@ def run(args: argparse.Namespace) -> dict:
     log("[1/4] packages")
     tarballs = fetch(args.cache, log)
     packages = {"google": STYLES["google"], "twitter": STYLES["twitter"], "names": NAMES}
-    stamp = {"format": FORMAT_VERSION, "categories": args.categories, "pairs": args.pairs, "seed": args.seed,
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in CODE)).hexdigest()[:16]
+    stamp = {"code": code, "categories": args.categories, "pairs": args.pairs, "seed": args.seed,
              "max_version": args.max_version,
              "packages": {k: {"package": packages[k][0], "version": packages[k][1], "sha256": sha256(p)}
                           for k, p in tarballs.items()}}

@@ -93,6 +93,10 @@ def records(out: Path) -> list[dict]:
     ("8 ball", "an 8 ball"), ("1st place medal", "a 1st place medal"), ("grapes", "grapes"),
     ("nest with eggs", "a nest with eggs"), ("bus", "a bus"), ("octopus", "an octopus"), ("sushi", "sushi"),
     ("people hugging", "people hugging"), ("Statue of Liberty", "the Statue of Liberty"),
+    ("woman lifting weights", "a woman lifting weights"), ("clapping hands", "clapping hands"),
+    ("flower playing cards", "flower playing cards"),
+    ("SOS button", "an SOS button"), ("NEW button", "a NEW button"),
+    ("A button (blood type)", "an A button (blood type)"),
 ])
 def test_noun_phrases(name, phrase):
     assert ec.with_article(name) == phrase
