@@ -393,7 +393,10 @@ def run(args: argparse.Namespace) -> dict:
         if not build.is_file():
             raise PrepareError(f"{out} exists and was not made by this script (no build.json); "
                                "pass --force to replace it or choose another --out")
-        previous = json.loads(build.read_text())
+        try:
+            previous = json.loads(build.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {}  # an unreadable stamp only means "rebuild"
         if previous.get("stamp") == stamp:
             log(f"{out} is up to date (same packages and options); nothing to do")
             return previous["counts"] | {"seconds": round(time.time() - start, 1), "skipped": True}
