@@ -1,0 +1,222 @@
+"""Text encoders of the SD family: prompts -> context (B, 77, D) for the U-Net's cross-attention.
+
+SD 1.x conditions on OpenAI CLIP ViT-L/14's text transformer (Radford et al. 2021), run here through
+transformers' ``CLIPTextModel``; its last hidden state (after the final layer norm) is the context.
+SD 2.x conditions on OpenCLIP ViT-H/14's text transformer (Cherti et al. 2023), run through the ``open_clip``
+package, and takes the *penultimate* layer's output through the final layer norm (Stability AI's
+``FrozenOpenCLIPEmbedder(layer="penultimate")``). diffusers stores that SD 2.x encoder as a 23-layer
+``CLIPTextModel`` (the unused 24th layer dropped), so a model converted either way gives the same context.
+
+``clip_skip`` follows the community convention: ``clip_skip=k`` takes the hidden state k - 1 layers before the
+model's own output layer and passes it through the final layer norm; ``None`` or 1 is the model's own layer.
+(diffusers counts one lower: its ``clip_skip=j`` is ours ``j + 1``.)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from ..tokenizer import MAX_LENGTH, PAD_IDS, bundled_tokenizer, tokenize
+
+BACKENDS = ("transformers", "open_clip")
+FAMILIES = tuple(PAD_IDS)
+
+
+@dataclass
+class TextEncoderConfig:
+    """Architecture of a CLIP-style text transformer. Shared field names follow transformers' CLIPTextConfig."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = MAX_LENGTH
+    hidden_act: str = "quick_gelu"        # OpenAI CLIP: x * sigmoid(1.702 x); OpenCLIP: exact (erf) GELU
+    layer_norm_eps: float = 1e-5
+    projection_dim: int | None = 768      # the pooled-embedding projection (None: none); unused by SD
+    backend: str = "transformers"         # "transformers": CLIPTextModel | "open_clip": open_clip TextTransformer
+    family: str = "sd1"                   # "sd1" | "sd2": padding and single-file layout
+    skip_layers: int = 0                  # final layers the context never uses (1 = SD 2's penultimate layer)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"text encoder backend {self.backend!r}: expected one of {BACKENDS}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"text encoder family {self.family!r}: expected one of {FAMILIES}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
+        if not 0 <= self.skip_layers < self.num_hidden_layers:
+            raise ValueError(f"skip_layers {self.skip_layers} must be in [0, {self.num_hidden_layers})")
+
+    @classmethod
+    def sd1(cls) -> TextEncoderConfig:
+        """OpenAI CLIP ViT-L/14's text tower, as SD 1.x uses it."""
+        return cls()
+
+    @classmethod
+    def sd2(cls, model_name: str = "ViT-H-14") -> TextEncoderConfig:
+        """OpenCLIP's text tower from its model config (no weights are fetched), penultimate layer as SD 2.x."""
+        import open_clip
+
+        cfg = open_clip.get_model_config(model_name)
+        if cfg is None:
+            raise ValueError(f"open_clip has no model config named {model_name!r}")
+        return cls.from_open_clip(cfg, family="sd2", skip_layers=1)
+
+    @classmethod
+    def from_open_clip(cls, model_cfg: dict, family: str = "sd2", skip_layers: int = 1) -> TextEncoderConfig:
+        """From an open_clip model config dict (``embed_dim``, ``text_cfg``, optional ``quick_gelu``)."""
+        text = model_cfg["text_cfg"]
+        width = text.get("width", 512)
+        return cls(
+            vocab_size=text.get("vocab_size", 49408),
+            hidden_size=width,
+            intermediate_size=int(width * text.get("mlp_ratio", 4.0)),
+            num_hidden_layers=text.get("layers", 12),
+            num_attention_heads=text.get("heads", 8),
+            max_position_embeddings=text.get("context_length", MAX_LENGTH),
+            hidden_act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+            projection_dim=model_cfg["embed_dim"],
+            backend="open_clip",
+            family=family,
+            skip_layers=skip_layers,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TextEncoderConfig:
+        """From :meth:`to_dict` output or a transformers CLIPTextConfig dict (other keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        if "family" not in d:
+            # diffusers folders do not say; OpenCLIP (SD 2.x) uses exact GELU where OpenAI CLIP uses QuickGELU.
+            values["family"] = "sd2" if d.get("hidden_act") == "gelu" else "sd1"
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def clip_config(self) -> dict:
+        """keyword arguments of transformers' CLIPTextConfig for this architecture."""
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps,
+            **({"projection_dim": self.projection_dim} if self.projection_dim else {}),
+        }
+
+
+def _build_transformers(config: TextEncoderConfig) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**config.clip_config()))
+
+
+def _build_open_clip(config: TextEncoderConfig) -> nn.Module:
+    from open_clip.transformer import QuickGELU, TextTransformer
+
+    if config.hidden_act not in ("gelu", "quick_gelu"):
+        raise ValueError(f"open_clip text towers use gelu or quick_gelu, not {config.hidden_act!r}")
+    if config.layer_norm_eps != 1e-5:
+        raise ValueError(f"open_clip text towers use layer_norm_eps 1e-5, not {config.layer_norm_eps}")
+    return TextTransformer(
+        context_length=config.max_position_embeddings,
+        vocab_size=config.vocab_size,
+        width=config.hidden_size,
+        heads=config.num_attention_heads,
+        layers=config.num_hidden_layers,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        output_dim=config.projection_dim,
+        act_layer=QuickGELU if config.hidden_act == "quick_gelu" else nn.GELU,
+    )
+
+
+class TextEncoder(nn.Module):
+    """prompts -> context (B, 77, D). ``tokenizer``: a CLIPTokenizer (default: the bundled one)."""
+
+    def __init__(self, config: TextEncoderConfig | None = None, tokenizer=None):
+        super().__init__()
+        self.config = config or TextEncoderConfig()
+        build = _build_open_clip if self.config.backend == "open_clip" else _build_transformers
+        self.model = build(self.config)
+        self.tokenizer = tokenizer if tokenizer is not None else bundled_tokenizer()
+        # A folder's own tokenizer knows its padding; the bundled one pads as the family was trained.
+        self.pad_id = tokenizer.pad_token_id if tokenizer is not None else PAD_IDS[self.config.family]
+        self.max_length = self.config.max_position_embeddings
+        self.hidden_size = self.config.hidden_size
+
+    # -- tokens ------------------------------------------------------------------------------------------
+    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
+        """(B, 77) token ids, padded for this family; warns, naming the cut words, past 77 tokens."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return tokenize(self.tokenizer, prompts, self.pad_id, self.max_length)
+
+    # -- context -----------------------------------------------------------------------------------------
+    def forward(self, prompts: str | list[str], clip_skip: int | None = None) -> torch.Tensor:
+        ids = self.tokenize(prompts).to(next(self.model.parameters()).device)
+        return self.encode(ids, clip_skip)
+
+    def layers_used(self, clip_skip: int | None = None) -> int:
+        """How many transformer layers the context passes through."""
+        if clip_skip is not None and clip_skip < 1:
+            raise ValueError(f"clip_skip must be >= 1 (1 = the model's own layer), got {clip_skip}")
+        used = self.config.num_hidden_layers - self.config.skip_layers - ((clip_skip or 1) - 1)
+        if used < 1:
+            raise ValueError(
+                f"clip_skip={clip_skip} skips every layer of this {self.config.num_hidden_layers}-layer text encoder")
+        return used
+
+    def encode(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+        """Token ids (B, L) -> hidden states (B, L, D) after the final layer norm."""
+        used = self.layers_used(clip_skip)
+        if self.config.backend == "open_clip":
+            return self._encode_open_clip(ids, used)
+        return self._encode_transformers(ids, used)
+
+    def _encode_transformers(self, ids: torch.Tensor, used: int) -> torch.Tensor:
+        if used == self.config.num_hidden_layers:
+            return self.model(ids).last_hidden_state
+        hidden = self.model(ids, output_hidden_states=True).hidden_states   # embeddings, then one per layer
+        core = getattr(self.model, "text_model", self.model)                # transformers < 5 nests the model
+        return core.final_layer_norm(hidden[used])
+
+    def _encode_open_clip(self, ids: torch.Tensor, used: int) -> torch.Tensor:
+        tower = self.model
+        length = ids.shape[1]
+        x = tower.token_embedding(ids) + tower.positional_embedding[:length]
+        mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None    # causal, additive
+        batch_first = getattr(tower.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in tower.transformer.resblocks[:used]:
+            x = block(x, attn_mask=mask)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return tower.ln_final(x)
+
+    # -- weights under version-independent names ---------------------------------------------------------
+    def _prefix(self) -> str:
+        """transformers < 5 nests CLIPTextModel's modules under ``text_model.``; 5.x does not."""
+        return "text_model." if self.config.backend == "transformers" and hasattr(self.model, "text_model") else ""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The backend's tensors, named as transformers 5's CLIPTextModel or open_clip's TextTransformer."""
+        prefix = self._prefix()
+        return {k[len(prefix):]: v for k, v in self.model.state_dict().items()
+                if k.startswith(prefix) and not k.endswith("position_ids")}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors named as :meth:`weights` names them (every name required, shapes checked by torch)."""
+        prefix = self._prefix()
+        result = self.model.load_state_dict({prefix + k: v for k, v in tensors.items()}, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+        if missing or result.unexpected_keys:
+            raise KeyError(f"text encoder weights: missing {missing}, unexpected {result.unexpected_keys}")
