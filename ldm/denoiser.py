@@ -18,7 +18,7 @@ from torch import Tensor
 from ldm.schedules import PREDICTION_TYPES, NoiseSchedule
 
 
-def _batch_sigma(sigma, x: Tensor) -> Tensor:
+def batch_sigma(sigma, x: Tensor) -> Tensor:
     """σ as a (B,) tensor on x's device, float32 (float64 if x is float64)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
@@ -49,11 +49,13 @@ class Denoiser:
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The network's timestep for σ: fractional by log-σ interpolation, rounded if `quantize`."""
+        if sigma.ndim == 1 and len(sigma) > 1 and (sigma == sigma[0]).all():
+            return self.timestep(sigma[:1]).expand(len(sigma))  # the usual case: one σ for the whole batch
         t = self.schedule.sigma_to_t(sigma)
         return t.round() if self.quantize else t
 
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
-        sigma = _batch_sigma(sigma, x)
+        sigma = batch_sigma(sigma, x)
         t = self.timestep(sigma).to(device=x.device, dtype=torch.float32)
         s = _view(sigma, x)
         c_in = (s**2 + 1).rsqrt()
