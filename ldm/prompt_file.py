@@ -117,14 +117,15 @@ def read_prompt_file(path: str, fmt: str | None = None, *, stdin=None, samplers:
 
 def parse_prompts(data: bytes, source: str, fmt: str | None = None, *, samplers: Collection[str] | None = None
                   ) -> PromptFile:
-    """Check every line of a prompt file's bytes; see the module docstring for the formats."""
+    """Check every line of a prompt file's bytes; see the module docstring for the formats. ``fmt`` None: the
+    suffix of ``source`` decides, else the content (a first line starting with ``{`` means jsonl)."""
     if samplers is None:
         from .samplers import SAMPLERS
 
         samplers = tuple(SAMPLERS)
     result = PromptFile(source, "", [], [], [], hashlib.sha256(data).hexdigest())
     lines = _decode_lines(data, result)
-    result.format = fmt or _sniff(lines)
+    result.format = fmt or SUFFIXES.get(Path(source).suffix.lower()) or _sniff(lines)
     checker = _Checker(result, samplers)
     if result.format == "csv":
         records = _csv_records(lines, result)
