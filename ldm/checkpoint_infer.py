@@ -1,0 +1,258 @@
+"""Model configuration of an SD single file, inferred from its tensor shapes.
+
+Shapes fix almost everything: channel widths, levels, layers per level, which levels attend, the context width,
+the in/out channels (9 input channels = inpainting), the text encoder's size. They cannot fix the number of
+attention heads, the sample size or the prediction type; for those we take, in order: the ``ldm.*`` metadata
+that ldm's own ``save_single_file`` writes, then a sidecar ``<name>.yaml`` (the original SD inference config),
+then the SD family's known values (SD 1.x: 8 heads everywhere; SD 2.x: 64 channels per head; CLIP text
+towers: 64 channels per head).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint_io import CheckpointError
+from .checkpoint_keys import (CLIP_PREFIX, CLIP_PREFIX_OLD, EMA_BOOKKEEPING, EMA_PREFIX, OPEN_CLIP_PREFIX,
+                              UNET_PREFIX, VAE_PREFIX)
+from .models.text import TextEncoderConfig
+
+CROSS_DOWN, PLAIN_DOWN, CROSS_UP, PLAIN_UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
+HEAD_CHANNELS = 64               # SD 2.x U-Net (num_head_channels: 64) and both CLIP text towers
+SD1_HEADS = 8                    # SD 1.x U-Net (num_heads: 8)
+# Other model families, recognised only to say so (key names from their reference implementations).
+OTHER_FAMILIES = {
+    "conditioner.embedders.": "SDXL",
+    "model.diffusion_model.joint_blocks.": "SD3",
+    "double_blocks.": "Flux",
+    "model.diffusion_model.double_blocks.": "Flux",
+    "model.diffusion_model.label_emb.": "SD 2.x unCLIP / upscaler (class-conditioned U-Net)",
+}
+
+
+@dataclass
+class Hints:
+    """Facts a file's shapes cannot give; from the sidecar yaml or ldm's metadata."""
+
+    prediction_type: str | None = None
+    sample_size: int | None = None
+    num_heads: int | None = None
+    num_head_channels: int | None = None
+    scaling_factor: float | None = None
+    text_skip_layers: int | None = None
+    schedule: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> Hints:
+        """Read the original SD inference config (e.g. v2-inference-v.yaml) next to a checkpoint."""
+        import yaml
+
+        try:
+            params = (yaml.safe_load(path.read_text(encoding="utf-8")) or {})["model"]["params"]
+            unet = (params.get("unet_config") or {}).get("params") or {}
+            cond = (params.get("cond_stage_config") or {}).get("params") or {}
+        except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: not an SD inference config (model.params): {exc}") from None
+        schedule = {ours: params[theirs] for ours, theirs in
+                    (("beta_start", "linear_start"), ("beta_end", "linear_end"), ("num_train_timesteps", "timesteps"))
+                    if theirs in params}
+        layer = cond.get("layer")
+        return cls(
+            prediction_type={"v": "v_prediction", "eps": "epsilon", "x0": "sample"}.get(params.get("parameterization")),
+            sample_size=unet.get("image_size"),
+            num_heads=unet.get("num_heads") if unet.get("num_heads", -1) != -1 else None,
+            num_head_channels=unet.get("num_head_channels") if unet.get("num_head_channels", -1) != -1 else None,
+            scaling_factor=params.get("scale_factor"),
+            text_skip_layers={"last": 0, "penultimate": 1}.get(layer),
+            schedule=schedule,
+        )
+
+
+@dataclass
+class SingleFileLayout:
+    """What an SD single file holds, as configs for ldm's modules."""
+
+    family: str                                   # "sd1" | "sd2"
+    text_layout: str                              # "clip" | "clip_old" | "open_clip"
+    unet: dict                                    # diffusers UNet2DConditionModel config
+    vae: dict                                     # diffusers AutoencoderKL config
+    text: TextEncoderConfig
+    ema: bool                                     # LitEma copies of the U-Net weights are present
+    schedule: dict = field(default_factory=dict)  # scheduler_config.json values the file's metadata gives
+    defaults: dict = field(default_factory=dict)  # suggested sampling settings the file's metadata gives
+
+
+class _Shapes:
+    """Shape lookups under one prefix; a missing key is a CheckpointError naming the file."""
+
+    def __init__(self, path, shapes: dict, prefix: str):
+        self.path, self.prefix = path, prefix
+        self.shapes = {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
+
+    def __contains__(self, key):
+        return key in self.shapes
+
+    def __getitem__(self, key) -> tuple:
+        if key not in self.shapes:
+            raise CheckpointError(f"{self.path}: missing key {self.prefix + key} (needed to infer the model's "
+                                  "configuration)")
+        return self.shapes[key]
+
+    def count(self, pattern: str) -> int:
+        """How many consecutive n from 0 make ``pattern.format(n)`` a key."""
+        n = 0
+        while pattern.format(n) in self.shapes:
+            n += 1
+        return n
+
+
+def detect_family(path, keys) -> tuple[str, str]:
+    """(family, text layout) from the key names; CheckpointError for anything else."""
+    keys = set(keys)
+    for prefix, name in OTHER_FAMILIES.items():
+        if any(k.startswith(prefix) for k in keys):
+            raise CheckpointError(f"{path}: unsupported model family {name} (found {prefix}* keys); ldm loads "
+                                  "SD 1.x and SD 2.x checkpoints")
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        sample = ", ".join(sorted(keys)[:5]) or "no tensors at all"
+        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no {UNET_PREFIX}* keys (found: {sample})")
+    if CLIP_PREFIX + "embeddings.token_embedding.weight" in keys:
+        return "sd1", "clip"
+    if CLIP_PREFIX_OLD + "embeddings.token_embedding.weight" in keys:
+        return "sd1", "clip_old"
+    if OPEN_CLIP_PREFIX + "token_embedding.weight" in keys:
+        return "sd2", "open_clip"
+    found = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in keys if k.startswith("cond_stage_model.")})
+    raise CheckpointError(f"{path}: unknown model family: no SD 1.x text encoder ({CLIP_PREFIX}*) and no SD 2.x "
+                          f"OpenCLIP text encoder ({OPEN_CLIP_PREFIX}*); text keys found: {found or 'none'}")
+
+
+def infer_unet(path, shapes: dict, family: str, hints: Hints) -> dict:
+    s = _Shapes(path, shapes, UNET_PREFIX)
+    first = s["input_blocks.0.0.weight"]
+    widths, layers, cross, depth = [], [], [], []
+    k = 1
+    while True:
+        n = 0
+        while f"input_blocks.{k + n}.0.in_layers.0.weight" in s:
+            n += 1
+        if n == 0:
+            raise CheckpointError(f"{path}: missing key {UNET_PREFIX}input_blocks.{k}.0.in_layers.0.weight "
+                                  "(needed to infer the U-Net's levels)")
+        widths.append(s[f"input_blocks.{k}.0.out_layers.3.weight"][0])
+        layers.append(n)
+        cross.append(f"input_blocks.{k}.1.proj_in.weight" in s)
+        depth.append(s.count(f"input_blocks.{k}.1.transformer_blocks.{{}}.attn1.to_q.weight") or 1)
+        k += n
+        if f"input_blocks.{k}.0.op.weight" not in s:
+            break
+        k += 1
+    if "middle_block.1.proj_in.weight" not in s:
+        raise CheckpointError(f"{path}: unsupported U-Net: its middle block has no cross-attention "
+                              f"({UNET_PREFIX}middle_block.1.* missing)")
+    attention = [k for k in s.shapes if k.endswith("attn2.to_k.weight")]
+    if not attention:
+        raise CheckpointError(f"{path}: unsupported U-Net: no cross-attention layers (attn2.to_k) found")
+    if hints.num_heads:
+        heads = hints.num_heads
+    elif hints.num_head_channels or family == "sd2":
+        heads = [w // (hints.num_head_channels or HEAD_CHANNELS) for w in widths]
+    else:
+        heads = SD1_HEADS
+    v_model = hints.prediction_type == "v_prediction"
+
+    def one(values):
+        return values[0] if len(set(values)) == 1 else values
+
+    return {
+        # SD 2.x 768-v models sample at 96x96 latents; everything else at 64x64 (512 px).
+        "sample_size": hints.sample_size or (96 if family == "sd2" and v_model else 64),
+        "in_channels": first[1],
+        "out_channels": s["out.2.weight"][0],
+        "block_out_channels": widths,
+        "layers_per_block": one(layers),
+        "down_block_types": [CROSS_DOWN if c else PLAIN_DOWN for c in cross],
+        "up_block_types": [CROSS_UP if c else PLAIN_UP for c in reversed(cross)],
+        "attention_head_dim": heads,
+        "cross_attention_dim": s[attention[0]][1],
+        "use_linear_projection": len(s["middle_block.1.proj_in.weight"]) == 2,
+        "transformer_layers_per_block": one(depth),
+        # diffusers' SD 2.1 (768-v) config upcasts attention: in fp16 its softmax overflows otherwise.
+        "upcast_attention": family == "sd2" and v_model,
+    }
+
+
+def infer_vae(path, shapes: dict, unet: dict, hints: Hints) -> dict:
+    s = _Shapes(path, shapes, VAE_PREFIX)
+    levels = s.count("encoder.down.{}.block.0.conv1.weight")
+    if levels == 0:
+        raise CheckpointError(f"{path}: missing key {VAE_PREFIX}encoder.down.0.block.0.conv1.weight "
+                              "(needed to infer the VAE)")
+    return {
+        "in_channels": s["encoder.conv_in.weight"][1],
+        "out_channels": s["decoder.conv_out.weight"][0],
+        "block_out_channels": [s[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)],
+        "layers_per_block": s.count("encoder.down.0.block.{}.conv1.weight"),
+        "latent_channels": s["decoder.conv_in.weight"][1],
+        "sample_size": unet["sample_size"] * 2 ** (levels - 1),
+        "scaling_factor": hints.scaling_factor or 0.18215,    # SD's scale_factor (Rombach et al. 2022, §4.3.2)
+        "use_quant_conv": "quant_conv.weight" in s,
+        "use_post_quant_conv": "post_quant_conv.weight" in s,
+        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in s,
+    }
+
+
+def infer_text(path, shapes: dict, family: str, layout: str, hints: Hints) -> TextEncoderConfig:
+    if layout == "open_clip":
+        s = _Shapes(path, shapes, OPEN_CLIP_PREFIX)
+        vocab, width = s["token_embedding.weight"]
+        layers = s.count("transformer.resblocks.{}.ln_1.weight")
+        projection = s["text_projection"][1] if "text_projection" in s else None
+        return TextEncoderConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=s["transformer.resblocks.0.mlp.c_fc.weight"][0],
+            num_hidden_layers=layers, num_attention_heads=max(1, width // HEAD_CHANNELS),
+            max_position_embeddings=s["positional_embedding"][0], hidden_act="gelu", projection_dim=projection,
+            backend="open_clip", family=family,
+            skip_layers=1 if hints.text_skip_layers is None else hints.text_skip_layers)
+    s = _Shapes(path, shapes, CLIP_PREFIX if layout == "clip" else CLIP_PREFIX_OLD)
+    vocab, width = s["embeddings.token_embedding.weight"]
+    return TextEncoderConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=s["encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=s.count("encoder.layers.{}.layer_norm1.weight"),
+        num_attention_heads=max(1, width // HEAD_CHANNELS),
+        max_position_embeddings=s["embeddings.position_embedding.weight"][0], hidden_act="quick_gelu",
+        projection_dim=width, backend="transformers", family=family, skip_layers=hints.text_skip_layers or 0)
+
+
+def _metadata_json(path, metadata: dict, key: str):
+    try:
+        return json.loads(metadata[key]) if key in metadata else None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: corrupt {key} metadata ({exc})") from None
+
+
+def has_ema(keys) -> bool:
+    return any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in keys)
+
+
+def analyse(path, shapes: dict, metadata: dict, hints: Hints) -> SingleFileLayout:
+    """Configs for ldm's modules from a file's shapes, ldm metadata and hints (see the module docstring)."""
+    family, layout = detect_family(path, shapes)
+    unet = _metadata_json(path, metadata, "ldm.unet") or infer_unet(path, shapes, family, hints)
+    vae = _metadata_json(path, metadata, "ldm.vae") or infer_vae(path, shapes, unet, hints)
+    text = _metadata_json(path, metadata, "ldm.text_encoder")
+    try:
+        text = TextEncoderConfig.from_dict(text) if text else infer_text(path, shapes, family, layout, hints)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: text encoder configuration: {exc}") from None
+    schedule = {**(_metadata_json(path, metadata, "ldm.scheduler") or {}), **hints.schedule}
+    defaults = _metadata_json(path, metadata, "ldm.defaults") or {}
+    return SingleFileLayout(family, layout, unet, vae, text, has_ema(shapes), schedule, defaults)
+
+
+def sidecar_hints(path: Path) -> Hints:
+    """Hints from ``<name>.yaml`` next to the file, if there is one."""
+    yaml_path = path.with_suffix(".yaml")
+    return Hints.from_yaml(yaml_path) if yaml_path.is_file() else Hints()
+

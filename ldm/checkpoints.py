@@ -1,0 +1,447 @@
+"""Loading and saving SD-family models: SD single files (.safetensors, .ckpt) and diffusers pipeline folders.
+
+    components = load("v1-5-pruned-emaonly.safetensors")       # or a diffusers / ldm folder
+    save_diffusers(components, "out/model")                     # StableDiffusionPipeline.from_pretrained loads it
+    save_single_file(components, "out/model.safetensors")       # the original SD layout; load() reads it back
+    print(describe("model.safetensors"))                        # what `ldm info` prints
+
+Loading is strict: every tensor the model needs must be present with the right shape, and every tensor in the
+file must be used (a few known-unused ones aside: LatentDiffusion's schedule buffers, CLIP's position_ids,
+OpenCLIP's logit_scale, and the EMA copies when they are not used). Anything else is one CheckpointError that
+names the file and lists the offending keys. Pickled files are read only with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint_infer import Hints, SingleFileLayout, analyse, sidecar_hints
+from .checkpoint_io import (PICKLE_SUFFIXES, CheckpointError, error_list, load_tensors, read_json,
+                            read_safetensors_header, write_json, write_safetensors)
+from .checkpoint_keys import (EMA_BOOKKEEPING, EMA_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
+                              KeyMap, check, convert_text, ema_key, gather, scatter, text_keymaps, unet_keymaps,
+                              vae_keymaps)
+from .model_info import ModelInfo
+from .models.text import TextEncoder, TextEncoderConfig
+from .models.unet import UNet, UNetConfig
+from .models.vae import AutoencoderKL, VAEConfig
+from .schedules import ScheduleConfig
+from .tokenizer import load_tokenizer
+
+__all__ = ["Components", "ModelInfo", "CheckpointError", "load", "describe", "save_diffusers", "save_single_file"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SUBFOLDERS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+DEFAULTS_FILE = "ldm.json"        # optional suggested steps / guidance / sampler / size of a folder's model
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+@dataclass
+class Components:
+    """Everything a Pipeline needs: the three networks, the training noise schedule and suggested defaults."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    schedule: ScheduleConfig
+    info: ModelInfo
+    defaults: dict = field(default_factory=dict)
+
+
+# -- strict matching ----------------------------------------------------------------------------------------
+def _module_shapes(module_or_weights) -> dict[str, tuple]:
+    items = module_or_weights.items() if isinstance(module_or_weights, dict) else \
+        module_or_weights.state_dict().items()
+    return {k: tuple(v.shape) for k, v in items}
+
+
+def _validate(path, what: str, file_shapes: dict, groups, ignorable) -> None:
+    """Raise one CheckpointError listing missing, mis-shaped and unexpected keys across ``groups``
+    (pairs of key maps and our shapes); ``ignorable(key)`` marks file keys that may go unused."""
+    missing, misshaped, consumed = [], [], set()
+    for maps, ours in groups:
+        m, s = check(maps, file_shapes, ours)
+        missing += m
+        misshaped += s
+        consumed |= {km.theirs for km in maps}
+    unexpected = sorted(k for k in file_shapes if k not in consumed and not ignorable(k))
+    if missing or misshaped or unexpected:
+        parts = [f"{path}: the weights do not match the {what}:"]
+        for title, items in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)):
+            if items:
+                parts.append(f"  {len(items)} {title} key(s):\n{error_list(items)}")
+        raise CheckpointError("\n".join(parts))
+
+
+def _config(cls, values: dict, path, what: str):
+    try:
+        return cls.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unsupported {what} configuration: {exc}") from None
+
+
+def _on_meta(cls, config):
+    """Build a module without allocating or initialising its weights (they are assigned from the file)."""
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _assign(module, state: dict, dtype) -> None:
+    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+
+
+def _schedule(values: dict, prediction_type: str | None, path) -> ScheduleConfig:
+    if prediction_type:
+        values = {**values, "prediction_type": prediction_type}
+    try:
+        return ScheduleConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unsupported noise schedule: {exc}") from None
+
+
+def _check_prediction(prediction_type):
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
+
+
+def _finish(components: Components, device, dtype) -> Components:
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+    return components
+
+
+# -- SD single files ----------------------------------------------------------------------------------------
+def _unet_maps(unet: UNet, layout: SingleFileLayout, use_ema: bool) -> list[KeyMap]:
+    cfg = unet.config
+    maps = unet_keymaps(unet.state_dict(), list(cfg.per_level("layers_per_block")),
+                        [t == "CrossAttnUpBlock2D" for t in cfg.up_block_types])
+    if use_ema and layout.ema:
+        maps = [dataclasses.replace(m, theirs=ema_key(m.theirs)) for m in maps]
+    return maps
+
+
+def _ignorable_sd_key(key: str, ema_used: bool) -> bool:
+    if "." not in key:                      # LatentDiffusion's registered schedule buffers (betas, ...)
+        return True
+    if key.endswith(".position_ids") or key == OPEN_CLIP_PREFIX + "logit_scale" or key in EMA_BOOKKEEPING:
+        return True
+    if key.startswith(EMA_PREFIX):
+        return not ema_used
+    return ema_used and key.startswith(UNET_PREFIX)       # raw U-Net weights replaced by their EMA copies
+
+
+def _read_single_file(path: Path, *, tensors: bool):
+    """(tensors or None, shapes, dtype names, metadata) of an SD single file."""
+    if path.suffix == ".safetensors":
+        header = read_safetensors_header(path)
+        loaded = load_tensors(path) if tensors else None
+        dtypes = {k: _DTYPE_NAMES.get(v, v.lower()) for k, v in header.dtypes.items()}
+        return loaded, header.shapes, dtypes, header.metadata
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, .ckpt, or a diffusers folder)")
+    loaded = load_tensors(path)
+    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in loaded.items()}
+    return loaded, {k: tuple(v.shape) for k, v in loaded.items()}, dtypes, {}
+
+
+def _layout(path: Path, shapes: dict, metadata: dict, prediction_type):
+    hints: Hints = sidecar_hints(path)
+    if prediction_type:
+        hints.prediction_type = prediction_type
+    layout = analyse(path, shapes, metadata, hints)
+    prediction = hints.prediction_type or layout.schedule.get("prediction_type") or "epsilon"
+    return layout, _schedule(layout.schedule, prediction, path)
+
+
+def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Components:
+    tensors, shapes, dtypes, metadata = _read_single_file(path, tensors=True)
+    layout, schedule = _layout(path, shapes, metadata, prediction_type)
+    unet = _on_meta(UNet, _config(UNetConfig, layout.unet, path, "U-Net"))
+    vae = _on_meta(AutoencoderKL, _config(VAEConfig, layout.vae, path, "VAE"))
+    text = TextEncoder(layout.text)
+    text_weights = text.weights()
+    ema_used = use_ema and layout.ema
+    maps = {
+        "unet": _unet_maps(unet, layout, use_ema),
+        "vae": vae_keymaps(vae.state_dict(), len(vae.config.block_out_channels)),
+        "text": text_keymaps(text_weights, layout.text_layout, layout.text.backend),
+    }
+    _validate(path, f"{layout.family} model its shapes describe", shapes,
+              [(maps["unet"], _module_shapes(unet)), (maps["vae"], _module_shapes(vae)),
+               (maps["text"], _module_shapes(text_weights))],
+              lambda k: _ignorable_sd_key(k, ema_used))
+    dtype = dtype or torch.float32
+    _assign(unet, gather(maps["unet"], tensors), dtype)
+    _assign(vae, gather(maps["vae"], tensors), dtype)
+    text.load_weights(gather(maps["text"], tensors))
+    info = _single_file_info(path, layout, schedule, shapes, dtypes)
+    defaults = layout.defaults
+    return Components(unet, vae, text, schedule, info, defaults)
+
+
+def _numel(shapes: dict, keep) -> int:
+    total = 0
+    for key, shape in shapes.items():
+        if keep(key):
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+    return total
+
+
+def _common_dtype(dtypes: dict, keys) -> str:
+    counts = Counter(dtypes[k] for k in keys)
+    return counts.most_common(1)[0][0] if counts else "unknown"
+
+
+def _info(path, fmt, unet: dict, vae: dict, text: TextEncoderConfig, schedule, **extra) -> ModelInfo:
+    downscale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return ModelInfo(
+        path=str(path), format=fmt, family=text.family, inpainting=unet.get("in_channels", 4) == 9,
+        prediction_type=schedule.prediction_type, resolution=unet.get("sample_size", 64) * downscale,
+        sample_size=unet.get("sample_size", 64), unet_in_channels=unet.get("in_channels", 4),
+        latent_channels=vae.get("latent_channels", 4), block_out_channels=tuple(unet["block_out_channels"]),
+        context_dim=text.hidden_size, text_layers=text.num_hidden_layers,
+        text_layer_used=text.num_hidden_layers - text.skip_layers, text_backend=text.backend, **extra)
+
+
+def _single_file_info(path: Path, layout: SingleFileLayout, schedule, shapes, dtypes) -> ModelInfo:
+    def text_key(k):
+        return k.startswith("cond_stage_model.") and not k.endswith(("position_ids", "logit_scale"))
+
+    unet_keys = [k for k in shapes if k.startswith(UNET_PREFIX)]
+    return _info(path, "safetensors" if path.suffix == ".safetensors" else "ckpt", layout.unet, layout.vae,
+                 layout.text, schedule,
+                 parameters={"unet": _numel(shapes, lambda k: k.startswith(UNET_PREFIX)),
+                             "vae": _numel(shapes, lambda k: k.startswith(VAE_PREFIX)),
+                             "text_encoder": _numel(shapes, text_key)},
+                 dtype=_common_dtype(dtypes, unet_keys), ema=layout.ema, file_size=path.stat().st_size)
+
+
+# -- diffusers folders ----------------------------------------------------------------------------------------
+def _weight_files(sub: Path, stem: str) -> list[Path]:
+    """The weight file(s) of one pipeline component: safetensors before .bin, full precision before the
+    fp16 variant, a single file or the shards an ``*.index.json`` lists."""
+    for variant in ("", ".fp16"):
+        for ext in (".safetensors", ".bin"):
+            single = sub / f"{stem}{variant}{ext}"
+            if single.is_file():
+                return [single]
+            index = sub / f"{stem}{variant}{ext}.index.json"
+            if index.is_file():
+                weight_map = read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise CheckpointError(f"{index}: no weight_map")
+                return [sub / name for name in sorted(set(weight_map.values()))]
+    raise CheckpointError(f"{sub}: no weights ({stem}.safetensors or {stem}.bin, or their fp16 variants)")
+
+
+def _file_shapes(files: list[Path]) -> tuple[dict, dict]:
+    shapes, dtypes = {}, {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            header = read_safetensors_header(f)
+            shapes.update(header.shapes)
+            dtypes.update({k: _DTYPE_NAMES.get(v, v.lower()) for k, v in header.dtypes.items()})
+        else:
+            for k, v in load_tensors(f).items():
+                shapes[k], dtypes[k] = tuple(v.shape), str(v.dtype).removeprefix("torch.")
+    return shapes, dtypes
+
+
+def _strip_text_model(d: dict) -> dict:
+    """transformers < 5 saves CLIPTextModel tensors under ``text_model.``; 5.x does not."""
+    return {k.removeprefix("text_model."): v for k, v in d.items()}
+
+
+def _folder_configs(folder: Path, prediction_type):
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    read_json(folder / "model_index.json")
+    for name in SUBFOLDERS:
+        if not (folder / name / "config.json").is_file():
+            raise CheckpointError(f"{folder}: pipeline folder without {name}/config.json")
+    unet = read_json(folder / "unet" / "config.json")
+    vae = read_json(folder / "vae" / "config.json")
+    text = _config(TextEncoderConfig, read_json(folder / "text_encoder" / "config.json"),
+                   folder / "text_encoder" / "config.json", "text encoder")
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    schedule = _schedule(read_json(scheduler_file) if scheduler_file.is_file() else {}, prediction_type,
+                         scheduler_file)
+    defaults = read_json(folder / DEFAULTS_FILE) if (folder / DEFAULTS_FILE).is_file() else {}
+    return unet, vae, text, schedule, defaults
+
+
+def _load_folder(folder: Path, prediction_type, dtype) -> Components:
+    unet_cfg, vae_cfg, text_cfg, schedule, defaults = _folder_configs(folder, prediction_type)
+    tokenizer = None
+    if (folder / "tokenizer").is_dir():
+        try:
+            tokenizer = load_tokenizer(folder / "tokenizer")
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{folder / 'tokenizer'}: unreadable tokenizer ({exc})") from None
+    modules = {
+        "unet": _on_meta(UNet, _config(UNetConfig, unet_cfg, folder / "unet" / "config.json", "U-Net")),
+        "vae": _on_meta(AutoencoderKL, _config(VAEConfig, vae_cfg, folder / "vae" / "config.json", "VAE")),
+        "text_encoder": TextEncoder(text_cfg, tokenizer=tokenizer),
+    }
+    dtype = dtype or torch.float32
+    sizes, all_dtypes, unet_dtypes = 0, {}, {}
+    parameters = {}
+    for name, module in modules.items():
+        files = _weight_files(folder / name, SUBFOLDERS[name])
+        tensors = {}
+        for f in files:
+            tensors.update(load_tensors(f))
+        if name == "text_encoder":
+            tensors = _strip_text_model(tensors)
+        ours = _module_shapes(module.weights() if name == "text_encoder" else module)
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        _validate(files[0] if len(files) == 1 else folder / name, f"{name} config ({name}/config.json)", shapes,
+                  [([KeyMap(k, k) for k in ours], ours)], lambda k: k.endswith("position_ids"))
+        if name == "text_encoder":
+            module.load_weights(tensors)
+        else:
+            _assign(module, tensors, dtype)
+        sizes += sum(f.stat().st_size for f in files)
+        parameters[name] = _numel(shapes, lambda k: not k.endswith("position_ids"))
+        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+        all_dtypes.update(dtypes)
+        if name == "unet":
+            unet_dtypes = dtypes
+    info = _info(folder, "diffusers", unet_cfg, vae_cfg, text_cfg, schedule, parameters=parameters,
+                 dtype=_common_dtype(unet_dtypes, unet_dtypes), file_size=sizes)
+    return Components(modules["unet"], modules["vae"], modules["text_encoder"], schedule, info, defaults)
+
+
+def _describe_folder(folder: Path) -> ModelInfo:
+    unet_cfg, vae_cfg, text_cfg, schedule, _ = _folder_configs(folder, None)
+    parameters, size, unet_dtype = {}, 0, "unknown"
+    for name, stem in SUBFOLDERS.items():
+        files = _weight_files(folder / name, stem)
+        shapes, dtypes = _file_shapes(files)
+        parameters[name] = _numel(shapes, lambda k: not k.endswith("position_ids"))
+        size += sum(f.stat().st_size for f in files)
+        if name == "unet":
+            unet_dtype = _common_dtype(dtypes, dtypes)
+    return _info(folder, "diffusers", unet_cfg, vae_cfg, text_cfg, schedule, parameters=parameters,
+                 dtype=unet_dtype, file_size=size)
+
+
+# -- public API ---------------------------------------------------------------------------------------------
+def load(path, *, device=None, dtype=None, prediction_type=None, use_ema: bool = True) -> Components:
+    """Load an SD single file (.safetensors / .ckpt), a diffusers pipeline folder or a folder saved by ldm.
+
+    dtype: of the loaded networks (default float32); device: where they go (default CPU).
+    prediction_type: "epsilon" | "v_prediction" | "sample"; overrides the file's (single files cannot tell
+    from their shapes: without this argument, a sidecar ``<name>.yaml`` with ``parameterization: "v"``, or
+    ldm's own metadata, they are taken as epsilon). use_ema: use the EMA U-Net weights when the file has them.
+    """
+    _check_prediction(prediction_type)
+    path = Path(path)
+    if path.is_dir():
+        components = _load_folder(path, prediction_type, dtype)
+    elif path.is_file():
+        components = _load_single_file(path, prediction_type, use_ema, dtype)
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    return _finish(components, device, dtype)
+
+
+def describe(path, *, prediction_type=None) -> ModelInfo:
+    """What a checkpoint holds, read from headers and configs without building the networks."""
+    _check_prediction(prediction_type)
+    path = Path(path)
+    if path.is_dir():
+        return _describe_folder(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or folder")
+    _, shapes, dtypes, metadata = _read_single_file(path, tensors=path.suffix != ".safetensors")
+    layout, schedule = _layout(path, shapes, metadata, prediction_type)
+    return _single_file_info(path, layout, schedule, shapes, dtypes)
+
+
+def _diffusers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:
+        return "0.30.0"
+
+
+def _save_tokenizer(text_encoder: TextEncoder, folder: Path) -> None:
+    """The tokenizer files, written to a temporary folder and moved in file by file. The saved tokenizer
+    pads as ours does (SD 2.x: with "!", as diffusers' SD 2 tokenizers do)."""
+    tokenizer = text_encoder.tokenizer
+    if tokenizer.pad_token_id != text_encoder.pad_id:
+        tokenizer = tokenizer.__class__.from_pretrained(
+            tokenizer.name_or_path, local_files_only=True, model_max_length=tokenizer.model_max_length,
+            pad_token=tokenizer.convert_ids_to_tokens(text_encoder.pad_id))
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".tokenizer.") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            f.replace(folder / f.name)
+
+
+def save_diffusers(components: Components, folder) -> None:
+    """Write a diffusers StableDiffusionPipeline folder (also what ``load`` reads). Every file is written to a
+    temporary name and renamed into place; model_index.json comes last, so a folder that has it is whole."""
+    from transformers import CLIPTextConfig
+
+    folder = Path(folder)
+    version = _diffusers_version()
+    for name, module, cls in (("unet", components.unet, "UNet2DConditionModel"),
+                              ("vae", components.vae, "AutoencoderKL")):
+        write_json(folder / name / "config.json",
+                   {"_class_name": cls, "_diffusers_version": version, **module.config.to_dict()})
+        write_safetensors(folder / name / "diffusion_pytorch_model.safetensors", module.state_dict())
+    text = components.text_encoder
+    weights, text_cfg = convert_text(text.weights(), text.config, "transformers")
+    clip = CLIPTextConfig(**text_cfg.clip_config()).to_dict()
+    write_json(folder / "text_encoder" / "config.json",
+               {**clip, "architectures": ["CLIPTextModel"], "family": text_cfg.family})
+    # The "text_model." prefix is what every transformers version reads (5.x strips it on load).
+    write_safetensors(folder / "text_encoder" / "model.safetensors",
+                      {"text_model." + k: v for k, v in weights.items()})
+    _save_tokenizer(text, folder / "tokenizer")
+    write_json(folder / "scheduler" / "scheduler_config.json",
+               {"_class_name": "DDIMScheduler", "_diffusers_version": version, **components.schedule.to_dict()})
+    if components.defaults:
+        write_json(folder / DEFAULTS_FILE, components.defaults)
+    write_json(folder / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": version,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+    })
+
+
+def save_single_file(components: Components, path) -> None:
+    """Write an SD single file (.safetensors, original key layout) that ``load`` and SD tools read. ldm's
+    exact configs ride along as ``ldm.*`` metadata strings, so nothing is left to inference on reload."""
+    import json
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: save_single_file writes .safetensors only")
+    unet, vae, text = components.unet, components.vae, components.text_encoder
+    cfg = unet.config
+    tensors = scatter(unet_keymaps(unet.state_dict(), list(cfg.per_level("layers_per_block")),
+                                   [t == "CrossAttnUpBlock2D" for t in cfg.up_block_types]), unet.state_dict())
+    tensors.update(scatter(vae_keymaps(vae.state_dict(), len(vae.config.block_out_channels)), vae.state_dict()))
+    file_layout = "clip" if text.config.family == "sd1" else "open_clip"
+    weights, text_cfg = convert_text(text.weights(), text.config, "transformers" if file_layout == "clip"
+                                     else "open_clip")
+    tensors.update(scatter(text_keymaps(weights, file_layout, text_cfg.backend), weights))
+    metadata = {"ldm.unet": cfg.to_dict(), "ldm.vae": vae.config.to_dict(), "ldm.text_encoder": text_cfg.to_dict(),
+                "ldm.scheduler": components.schedule.to_dict(), "ldm.defaults": components.defaults}
+    write_safetensors(path, tensors, {k: json.dumps(v) for k, v in metadata.items()})
