@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm.checkpoint_keys import UNET_PREFIX, ema_key, unet_keymaps, vae_keymaps
 from ldm.checkpoints import CheckpointError, describe, load, save_diffusers, save_single_file
-from tests.tiny_models import save_tiny_pipeline, tiny_unet_config, tiny_vae_config
+from tiny_models import save_tiny_pipeline, tiny_unet_config, tiny_vae_config
 
 PROMPTS = ["a red apple", "a turtle playing basketball"]
 
