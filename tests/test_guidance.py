@@ -8,6 +8,8 @@ from ldm.guidance import classifier, classifier_free, conditioned
 from ldm.samplers import SAMPLERS
 from ldm.schedules import NoiseSchedule
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 class ToyDenoiser:
     """x0 estimate depending on x, σ and a context tensor; records every call's batch size."""

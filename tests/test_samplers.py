@@ -10,6 +10,7 @@ from ldm.samplers import SAMPLERS, check_sigmas, get_sampler
 from ldm.schedules import NoiseSchedule
 
 SCHEDULE = NoiseSchedule()
+pytestmark = pytest.mark.usefixtures("single_thread")
 DATA = GaussianMixture.gaussian([1.0, -0.5, 0.3], [0.5, 1.0, 2.0])
 MU, STD = DATA.means[0], DATA.stds[0]
 
