@@ -304,13 +304,9 @@ def info(args) -> int:
         return 0
     from .checkpoints import describe
 
-    described = describe(path)
-    fields = vars(described) if hasattr(described, "__dict__") else {"model": described}
-    width = max(len(k) for k in fields) if fields else 0
-    for key, value in fields.items():
-        print(f"{key:<{width}}  {value}")
+    print(describe(path))
     if args.hash:
-        print(f"{'hash':<{width}}  {weights_hash(path)}")
+        print(f"hash  {weights_hash(path)}")
     return 0
 
 

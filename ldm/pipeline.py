@@ -1,0 +1,409 @@
+"""Pipeline: the data path of DESIGN.md, top to bottom.
+
+    prompt ─► text encoder ─► context ─┐
+    seeds ─► CPU noise x_T ─► sampler ◄┴ guidance(denoiser(U-Net)) ─► latents ─► VAE decode (float32) ─► images
+
+Sampling happens in σ-space (Karras et al. 2022): x = x0 + σ·n. A variance-preserving (VP) sample x_vp, which is
+what diffusers keeps, is x / sqrt(1 + σ²). Image-to-image, inpainting, denoising, anomaly scoring and upscaling
+reuse the same pieces and live in ``applications.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import images as img
+from .applications import Applications
+from .devices import dtype_name, resolve_device, resolve_dtype
+from .png_info import GenerationInfo, attach, weights_hash
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
+SD_DEFAULTS = {"steps": 30, "guidance": 7.5}  # Stable Diffusion's usual settings, used when a model has none
+OUTPUT_TYPES = ("pil", "np", "latent")
+CONTINUOUS_SPACINGS = ("karras", "exponential")
+
+
+class DefaultModelMissing(FileNotFoundError):
+    """The shipped default model is not installed in this copy of ldm."""
+
+
+@dataclass
+class Request:
+    """One call's validated settings, one entry per image in the list fields."""
+
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float
+    sampler: str
+    spacing: str | None
+    eta: float
+    height: int
+    width: int
+    guidance_rescale: float = 0.0
+    clip_skip: int | None = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+
+class Pipeline(Applications):
+    """Text-to-image (``__call__``) plus img2img / inpaint / denoise / anomaly / upscale (``Applications``)."""
+
+    def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=torch.float32, compile=False,
+                 source: str | Path | None = None):
+        """``Pipeline()`` loads the shipped default model; ``components`` (``ldm.checkpoints.Components``) wraps
+        models already in memory. ``vae_dtype`` other than float32 is a forced half-precision decode."""
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        self.vae_dtype = resolve_dtype(vae_dtype)
+        if components is None:
+            components, source = _load_default(self.device), DEFAULT_MODEL
+        from .schedules import NoiseSchedule
+
+        self.components = components
+        self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
+        for module, dt in ((self.unet, self.dtype), (self.text_encoder, self.dtype), (self.vae, self.vae_dtype)):
+            module.to(device=self.device, dtype=dt).eval().requires_grad_(False)
+        self.schedule = NoiseSchedule(components.schedule)
+        self.defaults = {**SD_DEFAULTS, **(getattr(components, "defaults", None) or {})}
+        self.source = Path(source) if source is not None else None
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = self.vae.config.latent_channels
+        self._network: Callable = torch.compile(self.unet) if compile else self.unet
+        self._offload: torch.device | None = None
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, *, vae_dtype=torch.float32, compile=False) -> Pipeline:
+        """Load an SD single file (.safetensors / .ckpt), a diffusers folder, or a folder saved by ldm."""
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"model {str(path)!r} does not exist (pass an SD .safetensors/.ckpt file or a "
+                             "diffusers/ldm model folder)")
+        resolve_device(device), resolve_dtype(dtype)  # fail on a bad name before loading gigabytes
+        from .checkpoints import load
+
+        return cls(load(path), device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path)
+
+    # ------------------------------------------------------------------ text-to-image
+    def __call__(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m",
+                 height=None, width=None, seed=None, num_images_per_prompt=1, latents=None, eta=0.0, *,
+                 guidance_rescale=0.0, clip_skip=None, spacing=None, callback=None, progress=True,
+                 output_type="pil"):
+        """Images for ``prompt`` (str or list): a list of PIL images (``output_type="np"``: (B, H, W, 3) floats
+        in [0, 1]; ``"latent"``: the (B, C, h, w) latents before decoding). ``seed``: an int (image i gets
+        seed + i) or one int per image. ``latents``: the initial noise ~ N(0, I), as diffusers takes it.
+        ``eta``: the fresh-noise fraction of samplers that take one (ddim: 0 = deterministic); 0 leaves the
+        ancestral/SDE samplers (euler_a, dpmpp_2m_sde) at their own default of 1. ``spacing``: None -> the
+        model's timestep spacing; "karras"/"exponential" for continuous σ schedules."""
+        req = self.request(prompt, negative_prompt, steps, guidance, sampler, height, width, seed,
+                           num_images_per_prompt, eta, guidance_rescale, clip_skip, spacing, output_type)
+        shape = (req.batch, self.latent_channels, req.height // self.vae_scale_factor,
+                 req.width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
+        generators = self.generators(req.seeds)
+        noise = latents if latents is not None else self.noise(shape, generators)
+        sigmas = self.sigmas(req)
+        extra = {}
+        if self.is_inpainting_model:  # an inpainting U-Net draws freely when all of the image is masked
+            gray = torch.zeros(1, 3, req.height, req.width)
+            extra = self.inpaint_conditioning(gray, torch.ones(1, 1, req.height, req.width))
+            extra = {k: v.expand(req.batch, *v.shape[1:]) for k, v in extra.items()}
+        denoiser = self.guided_denoiser(req, extra)
+        x = noise.to(self.device, torch.float32) * self.initial_scale(sigmas, req.spacing)
+        z = self.sample(denoiser, x, sigmas, req, generators, callback, progress)
+        return self.finish(z, req, output_type)
+
+    # ------------------------------------------------------------------ validation (before any heavy work)
+    def request(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m", height=None,
+                width=None, seed=None, num_images_per_prompt=1, eta=0.0, guidance_rescale=0.0, clip_skip=None,
+                spacing=None, output_type="pil") -> Request:
+        """Check every argument and fill the model's defaults; raises ValueError naming the bad value."""
+        from .samplers import get_sampler
+
+        prompts = _as_prompts(prompt, "prompt")
+        n = _positive_int(num_images_per_prompt, "num_images_per_prompt")
+        negatives = [""] * len(prompts) if negative_prompt is None else _as_prompts(negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        prompts = [p for p in prompts for _ in range(n)]  # diffusers' order: each prompt n times in a row
+        negatives = [p for p in negatives for _ in range(n)]
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        height = (self.defaults.get("height") or native) if height is None else height
+        width = (self.defaults.get("width") or native) if width is None else width
+        img.check_size(height, width, max(8, self.vae_scale_factor))
+        steps = _positive_int(self.defaults["steps"] if steps is None else steps, "steps")
+        guidance = _finite(self.defaults["guidance"] if guidance is None else guidance, "guidance")
+        sampler_fn = get_sampler(sampler)
+        if spacing is not None and spacing not in (*CONTINUOUS_SPACINGS, "leading", "trailing", "linspace"):
+            raise ValueError(f"unknown spacing {spacing!r}; use leading, trailing, linspace, karras or exponential")
+        eta = _finite(eta, "eta")
+        if eta < 0 or (eta and "eta" not in inspect.signature(sampler_fn).parameters):
+            raise ValueError(f"eta={eta} is not valid for sampler {sampler!r} (eta >= 0, for samplers that take it)")
+        if not 0.0 <= _finite(guidance_rescale, "guidance_rescale") <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        if clip_skip is not None:
+            _positive_int(clip_skip, "clip_skip")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        return Request(prompts, negatives, _as_seeds(seed, len(prompts)), steps, guidance, sampler, spacing, eta,
+                       height, width, float(guidance_rescale), clip_skip)
+
+    # ------------------------------------------------------------------ the pieces of the data path
+    @property
+    def is_inpainting_model(self) -> bool:
+        """A 9-channel U-Net: noisy latents + mask + masked-image latents (SD-inpainting, Rombach et al. 2022)."""
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    def generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        from .rng import generators_for
+
+        return generators_for(seeds)
+
+    def noise(self, shape, generators) -> torch.Tensor:
+        """N(0, I) drawn on the CPU, row i from generators[i] only (so image i ignores the batch)."""
+        from .rng import randn
+
+        return randn(shape, generators, device=self.device, dtype=torch.float32)
+
+    def sigmas(self, req: Request) -> torch.Tensor:
+        """The model's σ schedule for this request. DDIM with set_alpha_to_one=False ends on σ at ᾱ_0 instead of
+        0, as diffusers' DDIMScheduler does (its last step lands on alphas_cumprod[0]). With "leading" and
+        "trailing" spacing this reproduces diffusers' DDIM; with "linspace" diffusers steps each t to
+        t − T/steps rather than to the next listed timestep, which no single σ sequence expresses, and ldm
+        keeps the consistent schedule."""
+        spacing = req.spacing or self.schedule.config.timestep_spacing
+        alpha0 = req.sampler == "ddim" and not self.schedule.config.set_alpha_to_one \
+            and spacing not in CONTINUOUS_SPACINGS
+        return self.schedule.sigmas_for(req.steps, spacing, final="alpha0" if alpha0 else "zero")
+
+    def initial_scale(self, sigmas: torch.Tensor, spacing: str | None) -> float:
+        """x_T = n · scale. On the discrete spacings a VP model starts from x_vp = n (diffusers' DDIM / DPM-Solver
+        init_noise_sigma = 1), which in σ-space is x = n·sqrt(1 + σ_0²); Karras-style continuous schedules
+        start at x = n·σ_0 (Karras et al. 2022, Algorithm 1)."""
+        s0 = float(sigmas[0])
+        spacing = spacing or self.schedule.config.timestep_spacing
+        return s0 if spacing in CONTINUOUS_SPACINGS else math.sqrt(1.0 + s0 * s0)
+
+    def encode_prompts(self, prompts: Sequence[str], clip_skip=None) -> torch.Tensor:
+        """(B, 77, D) contexts; each distinct prompt is encoded once, on its own (so no prompt's context depends
+        on the others in the batch)."""
+        unique = list(dict.fromkeys(prompts))
+        with torch.no_grad(), self.placed(self.text_encoder):
+            table = torch.cat([self.text_encoder([p], clip_skip=clip_skip) for p in unique])
+        index = torch.tensor([unique.index(p) for p in prompts], device=table.device)
+        return table[index].to(self.device, self.dtype)
+
+    def denoiser(self):
+        """D(x, σ, context, ...) -> x0 around the U-Net (the 9-channel one concatenates its extra inputs)."""
+        from .denoiser import Denoiser
+
+        network = _InpaintingInput(self._network) if self.is_inpainting_model else self._network
+        return Denoiser(network, self.schedule, dtype=self.dtype)
+
+    def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
+        """Classifier-free guidance over the denoiser; the unconditional context is encoded once per call."""
+        from .guidance import classifier_free, conditioned
+
+        extra = {k: v.to(self.device, self.dtype) for k, v in (extra or {}).items()}
+        cond = {"context": self.encode_prompts(req.prompts, req.clip_skip), **extra}
+        if req.guidance == 1.0:
+            return conditioned(self.denoiser(), **cond)
+        uncond = {"context": self.encode_prompts(req.negatives, req.clip_skip), **extra}
+        return classifier_free(self.denoiser(), cond, uncond, req.guidance, req.guidance_rescale)
+
+    def sample(self, denoiser, x, sigmas, req: Request, generators, callback=None, progress=True) -> torch.Tensor:
+        """Run the sampler from x at sigmas[0]; returns the VP sample (x / sqrt(1 + σ_last²) if σ_last > 0)."""
+        from .samplers import get_sampler
+
+        fn = get_sampler(req.sampler)
+        options = {"eta": req.eta} if req.eta else {}  # eta 0 leaves ancestral/SDE samplers at their default
+        steps = len(sigmas) - 1
+        with tqdm(total=steps, desc=req.sampler, disable=not progress or steps == 0, leave=False) as bar:
+            def on_step(info: dict[str, Any]) -> None:
+                bar.update(1)
+                if callback is not None:
+                    callback(info)
+
+            if steps > 0:
+                with torch.no_grad(), self.placed(self.unet):
+                    x = fn(denoiser, x, sigmas, generator=generators, callback=on_step, **options)
+        last = float(sigmas[-1])
+        return x / math.sqrt(1.0 + last * last) if last > 0 else x
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (z − shift)·scale, from the posterior's mean so the round trip
+        is repeatable. One image at a time, so a row never depends on the batch."""
+        cfg = self.vae.config
+        with torch.no_grad(), self.placed(self.vae):
+            rows = [self.vae.encode(p[None].to(self.device)).mode() for p in pixels]
+        return (torch.cat(rows).float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (B, 3, H, W) float32 in about [-1, 1]. Decodes in float32 unless ``vae_dtype`` forces
+        less; a half-precision decode that overflows to NaN/inf switches the VAE to float32, with a warning."""
+        cfg = self.vae.config
+        z = z.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        with torch.no_grad(), self.placed(self.vae):
+            out = torch.cat([self.vae.decode(r[None].to(self.device), dtype=self.vae_dtype).float() for r in z])
+            if not torch.isfinite(out).all() and self.vae_dtype != torch.float32:
+                warnings.warn(f"the VAE decode in {dtype_name(self.vae_dtype)} gave NaN/inf; decoding in float32 "
+                              "from now on", RuntimeWarning, stacklevel=3)
+                self.vae_dtype = torch.float32
+                out = torch.cat([self.vae.decode(r[None].to(self.device), dtype=torch.float32) for r in z])
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("the VAE decode produced NaN/inf even in float32 (are the latents finite?)")
+        return out
+
+    def finish(self, z: torch.Tensor, req: Request, output_type: str, **extra):
+        """Latents -> the requested output; PIL images carry their generation metadata (``ldm.png_info``)."""
+        if output_type == "latent":
+            return z
+        return self.output(img.to_unit(self.decode_latents(z)), req, output_type, **extra)
+
+    def output(self, unit: np.ndarray, req: Request, output_type: str, **extra):
+        """(B, H, W, 3) floats in [0, 1] -> themselves ("np") or PIL images with their metadata ("pil")."""
+        if output_type == "np":
+            return unit
+        return [attach(image, self.generation_info(req, i, **extra)) for i, image in enumerate(img.to_pil(unit))]
+
+    def generation_info(self, req: Request, i: int, **extra) -> GenerationInfo:
+        return GenerationInfo(
+            prompt=req.prompts[i], negative_prompt=req.negatives[i], seed=req.seeds[i], steps=req.steps,
+            sampler=req.sampler, guidance=req.guidance, width=req.width, height=req.height, spacing=req.spacing,
+            eta=req.eta, guidance_rescale=req.guidance_rescale, clip_skip=req.clip_skip,
+            model=str(self.source) if self.source else None, model_hash=self.model_hash,
+            dtype=dtype_name(self.dtype), extra={k: v for k, v in extra.items() if v is not None})
+
+    @functools.cached_property
+    def model_hash(self) -> str | None:
+        """Short sha256 of the weights this pipeline was loaded from (None for models built in memory)."""
+        return weights_hash(self.source) if self.source is not None and self.source.exists() else None
+
+    # ------------------------------------------------------------------ memory and speed options
+    def enable_vae_tiling(self, tile_size: int | None = None) -> None:
+        """Encode/decode big images tile by tile (the VAE's own blending of overlapping tiles)."""
+        self.vae.set_tiling(True, tile_size)
+
+    def enable_attention_slicing(self, slice_size: int | None = None) -> None:
+        """Compute attention a slice of heads at a time: less peak memory, a little slower."""
+        self.unet.set_attention_backend("sliced", slice_size)
+
+    def enable_sequential_cpu_offload(self, device="cuda") -> None:
+        """Keep the text encoder, U-Net and VAE in CPU memory and move each to ``device`` only while it runs."""
+        target = resolve_device(device)
+        if target.type != "cuda":
+            raise ValueError(f"sequential CPU offload moves models to a CUDA device, not {target}")
+        for module in (self.unet, self.text_encoder, self.vae):
+            module.to("cpu")
+        self.device, self._offload = target, target
+
+    @contextlib.contextmanager
+    def placed(self, module: torch.nn.Module):
+        """Run ``module`` on the execution device (a no-op unless CPU offload is on)."""
+        if self._offload is None:
+            yield module
+            return
+        module.to(self._offload)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ saving and adapters
+    def save_pretrained(self, folder) -> Path:
+        """A diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, scheduler/) that both
+        ``Pipeline.from_pretrained`` and diffusers load."""
+        from .checkpoints import save_diffusers
+
+        save_diffusers(self.components, folder)
+        return Path(folder)
+
+    def load_lora(self, path, scale: float = 1.0):
+        """Apply a LoRA file (made by ``ldm train --lora``) at ``scale``; implemented by ``ldm.lora``."""
+        from .lora import load_lora
+
+        return load_lora(self, path, scale)
+
+
+class _InpaintingInput(torch.nn.Module):
+    """The 9-channel inpainting U-Net's input: cat[x_t (scaled by the denoiser), mask, masked-image latents]
+    along channels, in diffusers' order; the extra inputs are conditions, never noise-scaled."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x, t, context, mask, masked_latents):
+        return self.network(torch.cat([x, mask.to(x.dtype), masked_latents.to(x.dtype)], dim=1), t, context)
+
+
+def _load_default(device):
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        raise DefaultModelMissing(
+            f"the default model is not installed (expected a diffusers folder at {DEFAULT_MODEL}); pass a model "
+            "instead: Pipeline.from_pretrained(PATH) or `ldm generate --model PATH ...`, where PATH is an SD "
+            ".safetensors/.ckpt file or a diffusers model folder")
+    from .checkpoints import load
+
+    return load(DEFAULT_MODEL)
+
+
+def _as_prompts(value, name: str) -> list[str]:
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    if not prompts:
+        raise ValueError(f"{name} is an empty list; give at least one prompt")
+    return list(prompts)
+
+
+def _as_seeds(seed, count: int) -> list[int]:
+    """One seed per image: None draws fresh ones, an int s gives s, s+1, ... (A1111's convention)."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        seeds = [int(seed) + i for i in range(count)]
+    elif isinstance(seed, (list, tuple)) and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                                 for s in seed):
+        if len(seed) != count:
+            raise ValueError(f"seed lists {len(seed)} seeds for {count} images; give one per image or one int")
+        seeds = [int(s) for s in seed]
+    else:
+        raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
+    if any(not 0 <= s < 2**64 for s in seeds):
+        raise ValueError(f"seeds must be in [0, 2**64), got {seeds}")
+    return seeds
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _finite(value, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value

@@ -1,0 +1,223 @@
+"""Pipeline, text-to-image: types and sizes, seeds, DDIM parity with diffusers, validation, options."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ldm
+import ldm.pipeline
+from ldm import Pipeline
+from ldm.samplers import SAMPLERS
+from tiny_models import save_tiny_pipeline
+
+PROMPT = "a turtle playing basketball"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd1") / "model", "sd1")
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return Pipeline.from_pretrained(folder)
+
+
+def test_import_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, ldm; print('torch' in sys.modules, ldm.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", ldm.__version__]
+
+
+def test_text_to_image_returns_documented_types_and_sizes(pipe):
+    images = pipe([PROMPT, "a red apple"], steps=2, height=32, width=24, seed=0, num_images_per_prompt=2,
+                  progress=False)
+    assert len(images) == 4 and all(isinstance(im, Image.Image) for im in images)
+    assert all(im.size == (24, 32) and im.mode == "RGB" for im in images)
+    info = json.loads(images[3].info["ldm"])
+    assert (info["prompt"], info["seed"], info["width"], info["height"]) == ("a red apple", 3, 24, 32)
+    array = pipe(PROMPT, steps=2, seed=0, output_type="np", progress=False)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor  # no size given: the model's own
+    assert array.shape == (1, native, native, 3) and array.dtype == np.float32 and 0 <= array.min() <= array.max() <= 1
+    latents = pipe(PROMPT, steps=2, seed=0, height=32, width=16, output_type="latent", progress=False)
+    assert latents.shape == (1, 4, 32 // pipe.vae_scale_factor, 16 // pipe.vae_scale_factor)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_and_is_seeded(pipe, sampler):
+    run = dict(steps=3, height=16, width=16, sampler=sampler, spacing="karras", progress=False, output_type="np")
+    a, b = pipe(PROMPT, seed=5, **run), pipe(PROMPT, seed=5, **run)
+    assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
+def test_same_seed_same_image_alone_and_in_a_batch_of_four(pipe):
+    run = dict(steps=3, height=16, width=16, progress=False, output_type="np")
+    for sampler in ("dpmpp_2m", "euler_a"):  # deterministic and ancestral (fresh noise every step)
+        batch = pipe(PROMPT, seed=[7, 8, 9, 10], num_images_per_prompt=4, sampler=sampler, **run)
+        alone = pipe(PROMPT, seed=9, sampler=sampler, **run)
+        np.testing.assert_allclose(batch[2], alone[0], atol=1e-5)
+        assert np.abs(batch[2] - batch[1]).max() > 0.01  # and the seeds do make different images
+    ints = pipe(PROMPT, seed=7, num_images_per_prompt=4, steps=3, height=16, width=16, progress=False)
+    one = pipe(PROMPT, seed=9, steps=3, height=16, width=16, progress=False)[0]
+    assert np.array_equal(np.asarray(ints[2]), np.asarray(one))  # seed=7 for 4 images means 7, 8, 9, 10
+
+
+@pytest.mark.parametrize("family, prediction, spacing", [("sd1", "epsilon", "leading"),
+                                                         ("sd2", "v_prediction", "trailing")])
+def test_ddim_matches_diffusers(tmp_path, family, prediction, spacing):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = save_tiny_pipeline(tmp_path / family, family, prediction_type=prediction, seed=3)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "timestep_spacing": spacing}))
+    theirs = StableDiffusionPipeline.from_pretrained(folder)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 4, 24 // 2, 32 // 2, generator=torch.Generator().manual_seed(0))
+    prompts = [PROMPT, "a red apple"]
+    expected = theirs(prompts, negative_prompt=["blurry", ""], num_inference_steps=10, guidance_scale=7.5,
+                      latents=latents, height=24, width=32, output_type="np").images
+    ours = Pipeline.from_pretrained(folder)(prompts, negative_prompt=["blurry", ""], steps=10, guidance=7.5,
+                                            sampler="ddim", latents=latents, height=24, width=32,
+                                            output_type="np", progress=False)
+    assert ours.shape == expected.shape
+    assert np.abs(ours - expected).max() <= 2 / 255
+    assert np.abs(expected[0] - expected[1]).max() > 0.05  # the images are not trivially alike
+
+
+def test_initial_noise_scale_follows_the_spacing(pipe):
+    """VP start x_vp = n on discrete spacings is x = n·sqrt(1 + σ0²) in σ-space; karras starts at n·σ0."""
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for spacing in ("leading", "karras"):
+        seen = []
+        pipe(PROMPT, steps=2, height=16, width=16, latents=latents, spacing=spacing, sampler="euler",
+             callback=seen.append, progress=False, output_type="latent")
+        s0 = seen[0]["sigma"]
+        scale = math.sqrt(1 + s0**2) if spacing == "leading" else s0
+        torch.testing.assert_close(seen[0]["x"], latents * scale)
+        assert [info["i"] for info in seen] == [0, 1]
+
+
+def test_unconditional_context_is_encoded_once_per_call(pipe, monkeypatch):
+    seen = []
+    forward = pipe.text_encoder.forward
+    monkeypatch.setattr(pipe.text_encoder, "forward", lambda prompts, clip_skip=None: seen.append(prompts) or
+                        forward(prompts, clip_skip=clip_skip))
+    pipe([PROMPT, PROMPT, "a red apple"], steps=4, height=16, width=16, seed=0, progress=False,
+         output_type="latent")
+    assert sorted(map(tuple, seen)) == [("",), ("a red apple",), (PROMPT,)]  # not once per step or per image
+    seen.clear()
+    pipe(PROMPT, guidance=1.0, steps=2, height=16, width=16, seed=0, progress=False, output_type="latent")
+    assert seen == [[PROMPT]]  # guidance 1 needs no unconditional branch
+
+
+def test_options_change_the_image(pipe):
+    run = dict(steps=3, height=16, width=16, seed=1, progress=False, output_type="np")
+    base = pipe(PROMPT, **run)
+    for change in (dict(negative_prompt="blurry"), dict(guidance=2.0), dict(guidance_rescale=0.7),
+                   dict(clip_skip=2), dict(sampler="ddim", eta=1.0), dict(spacing="trailing")):
+        assert np.abs(pipe(PROMPT, **run, **change) - base).max() > 1e-3, change
+
+
+def test_progress_bar_is_silenceable(pipe, capsys):
+    pipe(PROMPT, steps=2, height=16, width=16, seed=0, progress=False, output_type="latent")
+    assert capsys.readouterr().err == ""
+    pipe(PROMPT, steps=2, height=16, width=16, seed=0, progress=True, output_type="latent")
+    assert "2/2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt=[]), "empty list"),
+    (dict(prompt=3), "prompt must be a string or a list of strings"),
+    (dict(prompt="x", height=30), "height=30 is not a multiple of 8"),
+    (dict(prompt="x", width=0), "width must be a positive integer"),
+    (dict(prompt="x", sampler="warp"), "unknown sampler 'warp'; known samplers: ddim"),
+    (dict(prompt="x", spacing="cubic"), "unknown spacing 'cubic'"),
+    (dict(prompt="x", steps=0), "steps must be an integer >= 1"),
+    (dict(prompt="x", guidance=float("nan")), "guidance must be finite"),
+    (dict(prompt="x", seed=[1, 2]), "seed lists 2 seeds for 1 images"),
+    (dict(prompt="x", seed=-1), r"seeds must be in \[0, 2\*\*64\)"),
+    (dict(prompt=["a", "b"], negative_prompt=["c", "d", "e"]), "negative_prompt has 3 entries for 2 prompts"),
+    (dict(prompt="x", eta=0.5, sampler="euler"), "eta=0.5 is not valid for sampler 'euler'"),
+    (dict(prompt="x", guidance_rescale=1.5), r"guidance_rescale must be in \[0, 1\]"),
+    (dict(prompt="x", output_type="jpeg"), "output_type must be one of"),
+    (dict(prompt="x", latents=torch.zeros(1, 4, 3, 3)), r"latents must have shape \(1, 4, 8, 8\)"),
+])
+def test_bad_input_fails_before_any_model_runs(pipe, monkeypatch, kwargs, match):
+    def forbidden(*args, **kw):
+        raise AssertionError("a model ran before the input was checked")
+
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        monkeypatch.setattr(module, "forward", forbidden)
+    monkeypatch.setattr(pipe, "_network", forbidden)
+    with pytest.raises(ValueError, match=match):
+        pipe(**{"height": 16, "width": 16, **kwargs})
+
+
+def test_bad_device_dtype_and_paths(folder, tmp_path):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        Pipeline.from_pretrained(folder, device="cuda")
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        Pipeline.from_pretrained(folder, dtype="fp8")
+    with pytest.raises(ValueError, match="does not exist"):
+        Pipeline.from_pretrained(tmp_path / "nothing")
+
+
+def test_default_model_missing_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(ldm.pipeline, "DEFAULT_MODEL", tmp_path / "default")
+    with pytest.raises(ldm.pipeline.DefaultModelMissing, match=r"not installed.*Pipeline.from_pretrained\(PATH\)"):
+        Pipeline()
+
+
+def test_default_model_loads_when_installed(monkeypatch, folder):
+    monkeypatch.setattr(ldm.pipeline, "DEFAULT_MODEL", folder)
+    image = Pipeline()(PROMPT, steps=2, seed=0, progress=False)[0]
+    assert image.size == (16, 16)
+
+
+def test_half_precision_decode_falls_back_to_float32(folder, monkeypatch):
+    pipe = Pipeline.from_pretrained(folder, vae_dtype=torch.float16)
+    latents = pipe(PROMPT, steps=2, height=16, width=16, seed=0, output_type="latent", progress=False)
+    decode = pipe.vae.decode
+
+    def overflowing(z, dtype=None):  # what an fp16 SD VAE does on some images
+        out = decode(z, dtype=dtype)
+        return out * float("nan") if dtype == torch.float16 else out
+
+    monkeypatch.setattr(pipe.vae, "decode", overflowing)
+    with pytest.warns(RuntimeWarning, match="gave NaN/inf; decoding in float32"):
+        images = pipe.decode_latents(latents)
+    reference = Pipeline.from_pretrained(folder).decode_latents(latents)
+    torch.testing.assert_close(images, reference, atol=5e-3, rtol=0)  # weights were rounded to fp16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.decode_latents(latents)  # float32 from now on, no second warning
+
+
+def test_memory_options_keep_the_image(folder):
+    pipe = Pipeline.from_pretrained(folder)
+    run = dict(steps=2, height=32, width=32, seed=0, progress=False, output_type="np")
+    base = pipe(PROMPT, **run)
+    pipe.enable_attention_slicing(1)
+    np.testing.assert_allclose(pipe(PROMPT, **run), base, atol=1e-5)
+    pipe.enable_vae_tiling(16)  # 16-pixel tiles over a 32-pixel image: blended seams, close but not equal
+    assert np.abs(pipe(PROMPT, **run) - base).mean() < 0.05
+    with pytest.raises(ValueError, match="CUDA"):
+        pipe.enable_sequential_cpu_offload("cuda")
+    with pytest.raises(ValueError, match="moves models to a CUDA device"):
+        pipe.enable_sequential_cpu_offload("cpu")
+
+
+def test_save_pretrained_round_trip(pipe, tmp_path):
+    run = dict(steps=2, height=16, width=16, seed=3, progress=False, output_type="np")
+    saved = pipe.save_pretrained(tmp_path / "copy")
+    again = Pipeline.from_pretrained(saved)
+    np.testing.assert_array_equal(again(PROMPT, **run), pipe(PROMPT, **run))
