@@ -128,7 +128,8 @@ def _unet_maps(unet: UNet, layout: SingleFileLayout, use_ema: bool) -> list[KeyM
 def _ignorable_sd_key(key: str, ema_used: bool) -> bool:
     if "." not in key:                      # LatentDiffusion's registered schedule buffers (betas, ...)
         return True
-    if key.endswith(".position_ids") or key == OPEN_CLIP_PREFIX + "logit_scale" or key in EMA_BOOKKEEPING:
+    if key.endswith(".position_ids") or key in (OPEN_CLIP_PREFIX + "logit_scale", OPEN_CLIP_PREFIX + "attn_mask") \
+            or key in EMA_BOOKKEEPING:
         return True
     if key.startswith(EMA_PREFIX):
         return not ema_used
@@ -242,22 +243,37 @@ def _weight_files(sub: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"{sub}: no weights ({stem}.safetensors or {stem}.bin, or their fp16 variants)")
 
 
-def _file_shapes(files: list[Path]) -> tuple[dict, dict]:
-    shapes, dtypes = {}, {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            header = read_safetensors_header(f)
-            shapes.update(header.shapes)
-            dtypes.update({k: _DTYPE_NAMES.get(v, v.lower()) for k, v in header.dtypes.items()})
-        else:
-            for k, v in load_tensors(f).items():
-                shapes[k], dtypes[k] = tuple(v.shape), str(v.dtype).removeprefix("torch.")
-    return shapes, dtypes
+@dataclass
+class _Weights:
+    """One pipeline component's weight files, and their tensors (when loaded) or just shapes and dtypes."""
 
+    files: list[Path]
+    shapes: dict
+    dtypes: dict
+    tensors: dict | None = None
 
-def _strip_text_model(d: dict) -> dict:
-    """transformers < 5 saves CLIPTextModel tensors under ``text_model.``; 5.x does not."""
-    return {k.removeprefix("text_model."): v for k, v in d.items()}
+    @classmethod
+    def read(cls, sub: Path, stem: str, load_tensors_too: bool) -> _Weights:
+        files = _weight_files(sub, stem)
+        shapes, dtypes, tensors = {}, {}, {} if load_tensors_too else None
+        for f in files:
+            if f.suffix == ".safetensors" and not load_tensors_too:
+                header = read_safetensors_header(f)
+                shapes.update(header.shapes)
+                dtypes.update({k: _DTYPE_NAMES.get(v, v.lower()) for k, v in header.dtypes.items()})
+                continue
+            loaded = load_tensors(f)
+            if sub.name == "text_encoder":     # transformers < 5 saves under "text_model."; 5.x does not
+                loaded = {k.removeprefix("text_model."): v for k, v in loaded.items()}
+            shapes.update({k: tuple(v.shape) for k, v in loaded.items()})
+            dtypes.update({k: str(v.dtype).removeprefix("torch.") for k, v in loaded.items()})
+            if tensors is not None:
+                tensors.update(loaded)
+        return cls(files, shapes, dtypes, tensors)
+
+    @property
+    def label(self) -> Path:
+        return self.files[0] if len(self.files) == 1 else self.files[0].parent
 
 
 def _folder_configs(folder: Path, prediction_type):
@@ -278,60 +294,38 @@ def _folder_configs(folder: Path, prediction_type):
     return unet, vae, text, schedule, defaults
 
 
+def _folder(folder: Path, prediction_type, load_tensors_too: bool):
+    """(configs, per-component weights, ModelInfo) of a diffusers folder."""
+    configs = _folder_configs(folder, prediction_type)
+    unet, vae, text, schedule, _ = configs
+    weights = {name: _Weights.read(folder / name, stem, load_tensors_too) for name, stem in SUBFOLDERS.items()}
+    parameters = {name: _numel(w.shapes, lambda k: not k.endswith("position_ids")) for name, w in weights.items()}
+    info = _info(folder, "diffusers", unet, vae, text, schedule, parameters=parameters,
+                 dtype=_common_dtype(weights["unet"].dtypes, weights["unet"].dtypes),
+                 file_size=sum(f.stat().st_size for w in weights.values() for f in w.files))
+    return configs, weights, info
+
+
 def _load_folder(folder: Path, prediction_type, dtype) -> Components:
-    unet_cfg, vae_cfg, text_cfg, schedule, defaults = _folder_configs(folder, prediction_type)
+    (unet_cfg, vae_cfg, text_cfg, schedule, defaults), weights, info = _folder(folder, prediction_type, True)
     tokenizer = None
     if (folder / "tokenizer").is_dir():
         try:
             tokenizer = load_tokenizer(folder / "tokenizer")
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{folder / 'tokenizer'}: unreadable tokenizer ({exc})") from None
-    modules = {
-        "unet": _on_meta(UNet, _config(UNetConfig, unet_cfg, folder / "unet" / "config.json", "U-Net")),
-        "vae": _on_meta(AutoencoderKL, _config(VAEConfig, vae_cfg, folder / "vae" / "config.json", "VAE")),
-        "text_encoder": TextEncoder(text_cfg, tokenizer=tokenizer),
-    }
-    dtype = dtype or torch.float32
-    sizes, all_dtypes, unet_dtypes = 0, {}, {}
-    parameters = {}
-    for name, module in modules.items():
-        files = _weight_files(folder / name, SUBFOLDERS[name])
-        tensors = {}
-        for f in files:
-            tensors.update(load_tensors(f))
-        if name == "text_encoder":
-            tensors = _strip_text_model(tensors)
-        ours = _module_shapes(module.weights() if name == "text_encoder" else module)
-        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        _validate(files[0] if len(files) == 1 else folder / name, f"{name} config ({name}/config.json)", shapes,
+    unet = _on_meta(UNet, _config(UNetConfig, unet_cfg, folder / "unet" / "config.json", "U-Net"))
+    vae = _on_meta(AutoencoderKL, _config(VAEConfig, vae_cfg, folder / "vae" / "config.json", "VAE"))
+    text = TextEncoder(text_cfg, tokenizer=tokenizer)
+    for name, ours in (("unet", _module_shapes(unet)), ("vae", _module_shapes(vae)),
+                       ("text_encoder", _module_shapes(text.weights()))):
+        _validate(weights[name].label, f"{name}/config.json", weights[name].shapes,
                   [([KeyMap(k, k) for k in ours], ours)], lambda k: k.endswith("position_ids"))
-        if name == "text_encoder":
-            module.load_weights(tensors)
-        else:
-            _assign(module, tensors, dtype)
-        sizes += sum(f.stat().st_size for f in files)
-        parameters[name] = _numel(shapes, lambda k: not k.endswith("position_ids"))
-        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
-        all_dtypes.update(dtypes)
-        if name == "unet":
-            unet_dtypes = dtypes
-    info = _info(folder, "diffusers", unet_cfg, vae_cfg, text_cfg, schedule, parameters=parameters,
-                 dtype=_common_dtype(unet_dtypes, unet_dtypes), file_size=sizes)
-    return Components(modules["unet"], modules["vae"], modules["text_encoder"], schedule, info, defaults)
-
-
-def _describe_folder(folder: Path) -> ModelInfo:
-    unet_cfg, vae_cfg, text_cfg, schedule, _ = _folder_configs(folder, None)
-    parameters, size, unet_dtype = {}, 0, "unknown"
-    for name, stem in SUBFOLDERS.items():
-        files = _weight_files(folder / name, stem)
-        shapes, dtypes = _file_shapes(files)
-        parameters[name] = _numel(shapes, lambda k: not k.endswith("position_ids"))
-        size += sum(f.stat().st_size for f in files)
-        if name == "unet":
-            unet_dtype = _common_dtype(dtypes, dtypes)
-    return _info(folder, "diffusers", unet_cfg, vae_cfg, text_cfg, schedule, parameters=parameters,
-                 dtype=unet_dtype, file_size=size)
+    dtype = dtype or torch.float32
+    _assign(unet, weights["unet"].tensors, dtype)
+    _assign(vae, weights["vae"].tensors, dtype)
+    text.load_weights({k: v for k, v in weights["text_encoder"].tensors.items() if not k.endswith("position_ids")})
+    return Components(unet, vae, text, schedule, info, defaults)
 
 
 # -- public API ---------------------------------------------------------------------------------------------
@@ -359,7 +353,7 @@ def describe(path, *, prediction_type=None) -> ModelInfo:
     _check_prediction(prediction_type)
     path = Path(path)
     if path.is_dir():
-        return _describe_folder(path)
+        return _folder(path, prediction_type, False)[2]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder")
     _, shapes, dtypes, metadata = _read_single_file(path, tensors=path.suffix != ".safetensors")
@@ -376,17 +370,30 @@ def _diffusers_version() -> str:
         return "0.30.0"
 
 
+def _write_bpe_files(tokenizer, folder: Path) -> None:
+    """vocab.json + merges.txt from a tokenizers-backed tokenizer (transformers 5 saves only tokenizer.json;
+    transformers 4's CLIPTokenizer, which diffusers folders name, reads these two)."""
+    import json
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
 def _save_tokenizer(text_encoder: TextEncoder, folder: Path) -> None:
     """The tokenizer files, written to a temporary folder and moved in file by file. The saved tokenizer
     pads as ours does (SD 2.x: with "!", as diffusers' SD 2 tokenizers do)."""
-    tokenizer = text_encoder.tokenizer
+    import copy
+
+    tokenizer = copy.deepcopy(text_encoder.tokenizer)
     if tokenizer.pad_token_id != text_encoder.pad_id:
-        tokenizer = tokenizer.__class__.from_pretrained(
-            tokenizer.name_or_path, local_files_only=True, model_max_length=tokenizer.model_max_length,
-            pad_token=tokenizer.convert_ids_to_tokens(text_encoder.pad_id))
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(text_encoder.pad_id)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".tokenizer.") as tmp:
         tokenizer.save_pretrained(tmp)
+        if not (Path(tmp) / "merges.txt").is_file() and hasattr(tokenizer, "backend_tokenizer"):
+            _write_bpe_files(tokenizer, Path(tmp))
         for f in Path(tmp).iterdir():
             f.replace(folder / f.name)
 
@@ -425,6 +432,20 @@ def save_diffusers(components: Components, folder) -> None:
     })
 
 
+def sd_state_dict(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder) -> tuple[dict, TextEncoderConfig]:
+    """The networks' tensors under the original SD single-file names, and the text encoder's config as the
+    file holds it (SD 2.x files: the OpenCLIP layout, context from the penultimate layer)."""
+    cfg = unet.config
+    tensors = scatter(unet_keymaps(unet.state_dict(), list(cfg.per_level("layers_per_block")),
+                                   [t == "CrossAttnUpBlock2D" for t in cfg.up_block_types]), unet.state_dict())
+    tensors.update(scatter(vae_keymaps(vae.state_dict(), len(vae.config.block_out_channels)), vae.state_dict()))
+    file_layout = "clip" if text_encoder.config.family == "sd1" else "open_clip"
+    weights, text_cfg = convert_text(text_encoder.weights(), text_encoder.config,
+                                     "transformers" if file_layout == "clip" else "open_clip")
+    tensors.update(scatter(text_keymaps(weights, file_layout, text_cfg.backend), weights))
+    return tensors, text_cfg
+
+
 def save_single_file(components: Components, path) -> None:
     """Write an SD single file (.safetensors, original key layout) that ``load`` and SD tools read. ldm's
     exact configs ride along as ``ldm.*`` metadata strings, so nothing is left to inference on reload."""
@@ -433,15 +454,8 @@ def save_single_file(components: Components, path) -> None:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: save_single_file writes .safetensors only")
-    unet, vae, text = components.unet, components.vae, components.text_encoder
-    cfg = unet.config
-    tensors = scatter(unet_keymaps(unet.state_dict(), list(cfg.per_level("layers_per_block")),
-                                   [t == "CrossAttnUpBlock2D" for t in cfg.up_block_types]), unet.state_dict())
-    tensors.update(scatter(vae_keymaps(vae.state_dict(), len(vae.config.block_out_channels)), vae.state_dict()))
-    file_layout = "clip" if text.config.family == "sd1" else "open_clip"
-    weights, text_cfg = convert_text(text.weights(), text.config, "transformers" if file_layout == "clip"
-                                     else "open_clip")
-    tensors.update(scatter(text_keymaps(weights, file_layout, text_cfg.backend), weights))
-    metadata = {"ldm.unet": cfg.to_dict(), "ldm.vae": vae.config.to_dict(), "ldm.text_encoder": text_cfg.to_dict(),
-                "ldm.scheduler": components.schedule.to_dict(), "ldm.defaults": components.defaults}
+    tensors, text_cfg = sd_state_dict(components.unet, components.vae, components.text_encoder)
+    metadata = {"ldm.unet": components.unet.config.to_dict(), "ldm.vae": components.vae.config.to_dict(),
+                "ldm.text_encoder": text_cfg.to_dict(), "ldm.scheduler": components.schedule.to_dict(),
+                "ldm.defaults": components.defaults}
     write_safetensors(path, tensors, {k: json.dumps(v) for k, v in metadata.items()})

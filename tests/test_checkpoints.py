@@ -1,6 +1,7 @@
 """Checkpoint loading and saving on tiny random models: key tables, round trips, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -9,11 +10,26 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm.checkpoint_infer import Hints, analyse
 from ldm.checkpoint_keys import UNET_PREFIX, ema_key, unet_keymaps, vae_keymaps
-from ldm.checkpoints import CheckpointError, describe, load, save_diffusers, save_single_file
+from ldm.checkpoints import CheckpointError, describe, load, save_diffusers, save_single_file, sd_state_dict
+from ldm.models.text import TextEncoder, TextEncoderConfig
+from ldm.models.unet import UNet, UNetConfig
+from ldm.models.vae import AutoencoderKL, VAEConfig
+from ldm.tokenizer import TOKENIZER_DIR
 from tiny_models import save_tiny_pipeline, tiny_unet_config, tiny_vae_config
 
 PROMPTS = ["a red apple", "a turtle playing basketball"]
+# The released models' architectures (diffusers configs of stable-diffusion-v1-5 and stable-diffusion-2-1).
+CROSS3 = dict(down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+              up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+REAL = {
+    "sd1": (dict(sample_size=64, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                 attention_head_dim=8, cross_attention_dim=768, **CROSS3), TextEncoderConfig.sd1(), None),
+    "sd2": (dict(sample_size=96, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                 attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+                 upcast_attention=True, **CROSS3), TextEncoderConfig.sd2(), "v_prediction"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +92,25 @@ def test_key_tables_agree_with_diffusers_single_file_conversion(family):
     assert weights_equal(convert_ldm_vae_checkpoint(file, dict(vae.config)), ours)
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_shapes_of_the_released_architectures_give_back_their_configs(family):
+    unet_config, text_config, prediction = REAL[family]
+    vae_config = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, sample_size=unet_config[
+        "sample_size"] * 8)
+    with torch.device("meta"):              # shapes only: no memory, no initialisation
+        unet = UNet(UNetConfig.from_dict(unet_config))
+        vae = AutoencoderKL(VAEConfig.from_dict(vae_config))
+        text = TextEncoder(text_config)
+    tensors, _ = sd_state_dict(unet, vae, text)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if family == "sd2":
+        assert shapes["cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"] == (3072, 1024)
+    layout = analyse("model.safetensors", shapes, {}, Hints(prediction_type=prediction))
+    assert UNetConfig.from_dict(layout.unet) == unet.config
+    assert VAEConfig.from_dict(layout.vae) == vae.config
+    assert layout.text == text_config and layout.family == family
+
+
 def test_sd_key_names_follow_the_original_layout(single_files):
     keys = set(load_file(str(single_files["sd1"])))
     for key in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.input_blocks.3.0.op.weight",
@@ -98,6 +133,10 @@ def test_folder_to_single_file_to_diffusers_round_trip(family, folders, single_f
     reloaded = load(single_files[family])
     save_diffusers(reloaded, tmp_path / "out")
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]      # temporary files renamed away
+    tokenizer_files = tmp_path / "out" / "tokenizer"
+    assert (tokenizer_files / "merges.txt").read_text() == (TOKENIZER_DIR / "merges.txt").read_text()
+    assert json.loads((tokenizer_files / "vocab.json").read_text()) == \
+        json.loads((TOKENIZER_DIR / "vocab.json").read_text())
     ours = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
     original = StableDiffusionPipeline.from_pretrained(folders[family])
     for name in ("unet", "vae", "text_encoder"):
@@ -180,10 +219,8 @@ def test_fp16_variant_and_bin_folders(tmp_path):
     assert (fp16 / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     components = load(fp16)
     assert components.info.dtype == "float16" and components.unet.conv_in.weight.dtype == torch.float32
-    reference = StableDiffusionPipeline.from_pretrained(fp16, variant="fp16").unet.state_dict()
-    assert weights_equal(components.unet.to(torch.float16).state_dict(), reference)
-
     pipe = StableDiffusionPipeline.from_pretrained(fp16, variant="fp16")
+    assert weights_equal(components.unet.to(torch.float16).state_dict(), pipe.unet.state_dict())
     pipe.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert (tmp_path / "bin" / "vae" / "diffusion_pytorch_model.bin").is_file()
     assert weights_equal(load(tmp_path / "bin", dtype=torch.float16).vae.state_dict(), pipe.vae.state_dict())
@@ -200,10 +237,10 @@ def test_inpainting_model_is_recognised(tmp_path):
     assert "inpainting" in str(info)
 
 
-def test_defaults_travel_with_the_model(folders, tmp_path):
-    components = load(folders["sd1"])
-    assert components.defaults == {}
-    components.defaults = {"steps": 12, "guidance": 3.0, "sampler": "euler", "height": 64, "width": 64}
+def test_defaults_travel_with_the_model(loaded, tmp_path):
+    assert loaded["sd1"].defaults == {}
+    defaults = {"steps": 12, "guidance": 3.0, "sampler": "euler", "height": 64, "width": 64}
+    components = dataclasses.replace(loaded["sd1"], defaults=defaults)
     save_diffusers(components, tmp_path / "folder")
     assert json.loads((tmp_path / "folder" / "ldm.json").read_text()) == components.defaults
     assert load(tmp_path / "folder").defaults == components.defaults
@@ -316,13 +353,13 @@ def test_unexpected_keys_are_listed_and_capped(single_files, tmp_path):
     assert "... and 8 more" in message
 
 
-def test_bad_folders_and_paths(folders, tmp_path):
+def test_bad_folders_and_paths(loaded, tmp_path):
     with pytest.raises(CheckpointError, match="no model_index.json"):
         load(tmp_path)
     with pytest.raises(CheckpointError, match="nowhere.safetensors: no such file"):
         load(tmp_path / "nowhere.safetensors")
     broken = tmp_path / "broken"
-    save_diffusers(load(folders["sd1"]), broken)
+    save_diffusers(loaded["sd1"], broken)
     os.remove(broken / "unet" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError, match="unet: no weights"):
         load(broken)
