@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .images import to_tensor
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHOW_PATHS = 5   # how many offending paths an error or warning names
 
@@ -198,12 +200,6 @@ def identity_augment(img: Image.Image, g: torch.Generator, shift: float, scale: 
     return canvas
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """(3, h, w) float32 in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
 @dataclass
 class Transform:
     """Pixel preprocessing for one sample; all randomness is drawn from the generator passed in."""
@@ -224,7 +220,7 @@ class Transform:
             img = identity_augment(img, g, self.shift, self.scale, self.fill)
         if self.flip and _uniform(g) < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+        return to_tensor(img)[0]
 
     def fingerprint(self) -> str:
         return f"{self.crop}/{self.flip}/{self.augment}/{self.shift}/{self.scale}/{tuple(self.fill)}"

@@ -1,0 +1,227 @@
+"""The two things ldm trains, each as a *stage*: what is trained, its loss, its validation and its output.
+
+* ``VAEStage``: AutoencoderKL from scratch on pixels. Loss = L1 + L2 reconstruction of a sample
+  z ~ q(z | x) plus a small KL(q(z | x) || N(0, I)) (Rombach et al. 2022, §3; no perceptual or adversarial
+  term, so nothing is downloaded). The latent scale is measured at the end (``train_setup.latent_scale``).
+* ``UNetStage``: the denoising U-Net (and the text encoder, or LoRA adapters on either) on VAE latents, the
+  VAE frozen. Loss = ldm.losses.diffusion_loss on an ε or v target at a uniformly drawn timestep.
+
+All per-sample randomness (z ~ q(z|x), t, noise, offset noise) comes from the sample's own seed in the
+batch (``ldm.data``), so the result does not depend on how a global batch is split across processes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import losses
+from .checkpoints import Components
+from .data import generator
+from .ema import EMA
+from .images import to_pil, to_unit
+from .lora import TEXT_TARGETS, UNET_TARGETS, adapters, add_lora, lora_state_dict, save_lora
+from .rng import randn
+from .schedules import NoiseSchedule
+from .train_config import TrainConfig
+from .train_setup import latent_scale, write_model, write_vae
+
+
+def grid(images: list, columns: int):
+    """PIL images (all the same size) in a grid, row by row."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+class Reconstruction(nn.Module):
+    """x, n -> (decode(mean + std·n), KL per image): the VAE's training forward, one module for DDP."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x)
+        z = posterior.mean + posterior.std * noise
+        return self.vae.decode(z, dtype=torch.float32), posterior.kl()
+
+
+class VAEStage:
+    name = "vae"
+
+    def __init__(self, cfg: TrainConfig, vae: nn.Module):
+        self.cfg, self.vae = cfg, vae.train()
+        self.module = Reconstruction(vae)
+        self.lora = False
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.vae.parameters() if p.requires_grad], "lr": self.cfg.lr}]
+
+    def loss(self, model: nn.Module, batch: dict, device) -> torch.Tensor:
+        x = batch["pixels"].to(device)
+        c, down = self.vae.config.latent_channels, self.vae.config.downscale
+        noise = randn((x.shape[0], c, x.shape[2] // down, x.shape[3] // down), [generator(s) for s in batch["seed"]],
+                      device=device)
+        rec, kl = model(x, noise)
+        err = rec.float() - x.float()
+        w = self.cfg.vae_loss
+        # Means over pixels; the KL sum per image is divided by the same pixel count, so kl_weight keeps the
+        # meaning it has in the LDM code, where both terms are sums.
+        rec_loss = w.l1_weight * err.abs().mean() + w.l2_weight * err.pow(2).mean()
+        return rec_loss + w.kl_weight * kl.mean() / x[0].numel()
+
+    @torch.no_grad()
+    def validate(self, module: Reconstruction, dataset, path: Path) -> None:
+        n = min(8, len(dataset))
+        x = torch.stack([dataset[(i, 0)]["pixels"] for i in range(n)])
+        vae = module.vae
+        rec = vae.decode(vae.encode(x.to(next(vae.parameters()).device)).mode(), dtype=torch.float32).cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid(to_pil(to_unit(torch.cat([x, rec]))), n).save(path)
+
+    def trainable_state(self, module: Reconstruction) -> dict[str, torch.Tensor]:
+        return dict(module.vae.state_dict())
+
+    def load_trainable_state(self, module: Reconstruction, state: dict[str, torch.Tensor]) -> None:
+        module.vae.load_state_dict(state, strict=True)
+
+    def finish(self, module: Reconstruction, dataset, out: Path) -> Path:
+        """Measure the latent scale on up to 256 training images and write ``out/model/vae``."""
+        n = min(256, len(dataset))
+        x = torch.stack([dataset[(i, 0)]["pixels"] for i in range(n)])
+        vae = module.vae.eval()
+        vae.config.scaling_factor = latent_scale(vae, x.to(next(vae.parameters()).device))
+        return write_vae(vae, out / "model")
+
+
+class DiffusionModel(nn.Module):
+    """U-Net + text encoder as one module, so DDP and EMA see every trained parameter at once."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text: bool):
+        super().__init__()
+        self.unet, self.text_encoder, self.train_text = unet, text_encoder, train_text
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.train_text:
+            context = self.text_encoder.encode(ids)
+        else:
+            with torch.no_grad():
+                context = self.text_encoder.encode(ids)
+        return self.unet(x_t, t, context)
+
+
+class UNetStage:
+    name = "unet"
+
+    def __init__(self, cfg: TrainConfig, components: Components):
+        self.cfg, self.components = cfg, components
+        unet, text, vae = components.unet, components.text_encoder, components.vae
+        self.schedule = NoiseSchedule(components.schedule)
+        self.alphas_cumprod = self.schedule.alphas_cumprod.float()
+        self.vae = vae.eval().requires_grad_(False)
+        self.lora = cfg.lora.rank > 0
+        train_text = cfg.train_text_encoder or (self.lora and cfg.lora.text_encoder)
+        self.module = DiffusionModel(unet, text, train_text)
+        unet.train()
+        text.train(train_text)
+        if self.lora:
+            unet.requires_grad_(False)
+            text.requires_grad_(False)
+            self.unet_params = add_lora(unet, cfg.lora.rank, cfg.lora.alpha, UNET_TARGETS)
+            self.text_params = add_lora(text.model, cfg.lora.rank, cfg.lora.alpha, TEXT_TARGETS) \
+                if cfg.lora.text_encoder else []
+        else:
+            text.requires_grad_(cfg.train_text_encoder)
+            self.unet_params = list(unet.parameters())
+            self.text_params = list(text.parameters()) if cfg.train_text_encoder else []
+
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": self.unet_params, "lr": self.cfg.lr}]
+        if self.text_params:
+            groups.append({"params": self.text_params, "lr": self.cfg.text_encoder_lr or self.cfg.lr})
+        return groups
+
+    @torch.no_grad()
+    def latents(self, batch: dict, gens: list[torch.Generator], device) -> torch.Tensor:
+        """z ~ q(z | x), then shifted and scaled to the U-Net's unit-variance latent space."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), (0.5 * batch["latent_logvar"].to(device)).exp()
+        else:
+            with torch.autocast(device.type, enabled=False):
+                posterior = self.vae.encode(batch["pixels"].to(device, torch.float32))
+            mean, std = posterior.mean, posterior.std
+        z = mean + std * randn(mean.shape, gens, device=device)
+        vcfg = self.vae.config
+        return (z - (vcfg.shift_factor or 0.0)) * vcfg.scaling_factor
+
+    def loss(self, model: nn.Module, batch: dict, device) -> torch.Tensor:
+        gens = [generator(s) for s in batch["seed"]]
+        z = self.latents(batch, gens, device)
+        T = self.schedule.num_timesteps
+        t = torch.stack([torch.randint(T, (), generator=g) for g in gens]).to(device)
+        noise = losses.offset_noise(z.shape, self.cfg.offset_noise, generator=gens, device=device)
+        x_t = self.schedule.q_sample(z, t, noise)
+        ids = self.components.text_encoder.tokenize(batch["caption"]).to(device)
+        pred = model(x_t, t, ids)
+        ab = self.alphas_cumprod.to(device)[t]
+        return losses.diffusion_loss(pred.float(), z.float(), noise.float(), ab, self.cfg.prediction_type,
+                                     self.cfg.snr_gamma)
+
+    def _pipeline(self, module: DiffusionModel):
+        from .pipeline import Pipeline
+
+        c = self.components
+        parts = copy.deepcopy({"unet": module.unet, "text_encoder": module.text_encoder, "vae": self.vae})
+        comps = Components(parts["unet"], parts["vae"], parts["text_encoder"], c.schedule, c.info,
+                           {k: v for k, v in vars(self.cfg.defaults).items()})
+        return Pipeline(comps, device=next(module.parameters()).device)
+
+    @torch.no_grad()
+    def validate(self, module: DiffusionModel, dataset, path: Path) -> None:
+        prompts = self.cfg.validation.prompts or sorted({r.captions[0] for r in dataset.records})[:8]
+        pipe = self._pipeline(module)
+        d = self.cfg.defaults
+        images = pipe(prompts, steps=d.steps, guidance=d.guidance, sampler=d.sampler, height=d.height,
+                      width=d.width, seed=self.cfg.validation.seed, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid(images, min(8, len(images))).save(path)
+
+    def trainable_state(self, module: DiffusionModel) -> dict[str, torch.Tensor]:
+        if self.lora:
+            return lora_state_dict({"unet": module.unet, "text_encoder": module.text_encoder.model})
+        state = {f"unet.{k}": v for k, v in module.unet.state_dict().items()}
+        if module.train_text:
+            state.update({f"text_encoder.{k}": v for k, v in module.text_encoder.weights().items()})
+        return state
+
+    def load_trainable_state(self, module: DiffusionModel, state: dict[str, torch.Tensor]) -> None:
+        if self.lora:
+            for prefix, m in (("unet", module.unet), ("text_encoder", module.text_encoder.model)):
+                for name, lora in adapters(m).items():
+                    lora.lora_A.data.copy_(state[f"{prefix}.{name}.lora_A.weight"])
+                    lora.lora_B.data.copy_(state[f"{prefix}.{name}.lora_B.weight"])
+            return
+        module.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")}, strict=True)
+        if module.train_text:
+            module.text_encoder.load_weights({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+
+    def finish(self, module: DiffusionModel, dataset, out: Path) -> Path:
+        if self.lora:
+            return save_lora(out / "lora.safetensors",
+                             {"unet": module.unet, "text_encoder": module.text_encoder.model})
+        c = self.components
+        comps = Components(module.unet, self.vae, module.text_encoder, c.schedule, c.info)
+        return write_model(comps, self.cfg, out / "model")
+
+
+def make_ema(cfg: TrainConfig, module: nn.Module) -> EMA | None:
+    return EMA(module, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
