@@ -36,7 +36,6 @@ class Hints:
     """Facts a file's shapes cannot give; from the sidecar yaml or ldm's metadata."""
 
     prediction_type: str | None = None
-    sample_size: int | None = None
     num_heads: int | None = None
     num_head_channels: int | None = None
     scaling_factor: float | None = None
@@ -60,7 +59,6 @@ class Hints:
         layer = cond.get("layer")
         return cls(
             prediction_type={"v": "v_prediction", "eps": "epsilon", "x0": "sample"}.get(params.get("parameterization")),
-            sample_size=unet.get("image_size"),
             num_heads=unet.get("num_heads") if unet.get("num_heads", -1) != -1 else None,
             num_head_channels=unet.get("num_head_channels") if unet.get("num_head_channels", -1) != -1 else None,
             scaling_factor=params.get("scale_factor"),
@@ -166,8 +164,9 @@ def infer_unet(path, shapes: dict, family: str, hints: Hints) -> dict:
         return values[0] if len(set(values)) == 1 else values
 
     return {
-        # SD 2.x 768-v models sample at 96x96 latents; everything else at 64x64 (512 px).
-        "sample_size": hints.sample_size or (96 if family == "sd2" and v_model else 64),
+        # SD 2.x 768-v models sample at 96x96 latents; everything else at 64x64 (512 px). (The yaml's
+        # image_size cannot tell: v2-inference-v.yaml says 64 for the 768 model.)
+        "sample_size": 96 if family == "sd2" and v_model else 64,
         "in_channels": first[1],
         "out_channels": s["out.2.weight"][0],
         "block_out_channels": widths,
@@ -236,9 +235,24 @@ def has_ema(keys) -> bool:
     return any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in keys)
 
 
+def metadata_prediction_type(metadata: dict) -> str | None:
+    """The prediction type other tools record in safetensors metadata: the Stability AI model spec
+    (``modelspec.prediction_type``) or kohya-ss's trainer (``ss_v_parameterization``)."""
+    spec = metadata.get("modelspec.prediction_type")
+    if spec in ("v", "v_prediction"):
+        return "v_prediction"
+    if spec in ("epsilon", "eps"):
+        return "epsilon"
+    return "v_prediction" if str(metadata.get("ss_v_parameterization", "")).lower() == "true" else None
+
+
 def analyse(path, shapes: dict, metadata: dict, hints: Hints) -> SingleFileLayout:
-    """Configs for ldm's modules from a file's shapes, ldm metadata and hints (see the module docstring)."""
+    """Configs for ldm's modules from a file's shapes, metadata and hints (see the module docstring).
+    The prediction type: hints (argument, yaml) first, then ldm's, the model spec's or kohya's metadata."""
     family, layout = detect_family(path, shapes)
+    scheduler = _metadata_json(path, metadata, "ldm.scheduler") or {}
+    hints.prediction_type = (hints.prediction_type or scheduler.get("prediction_type")
+                             or metadata_prediction_type(metadata))
     unet = _metadata_json(path, metadata, "ldm.unet") or infer_unet(path, shapes, family, hints)
     vae = _metadata_json(path, metadata, "ldm.vae") or infer_vae(path, shapes, unet, hints)
     text = _metadata_json(path, metadata, "ldm.text_encoder")
@@ -246,7 +260,9 @@ def analyse(path, shapes: dict, metadata: dict, hints: Hints) -> SingleFileLayou
         text = TextEncoderConfig.from_dict(text) if text else infer_text(path, shapes, family, layout, hints)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: text encoder configuration: {exc}") from None
-    schedule = {**(_metadata_json(path, metadata, "ldm.scheduler") or {}), **hints.schedule}
+    schedule = {**scheduler, **hints.schedule}
+    if hints.prediction_type:
+        schedule["prediction_type"] = hints.prediction_type
     defaults = _metadata_json(path, metadata, "ldm.defaults") or {}
     return SingleFileLayout(family, layout, unet, vae, text, has_ema(shapes), schedule, defaults)
 

@@ -13,6 +13,7 @@ names the file and lists the offending keys. Pickled files are read only with to
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .checkpoint_io import (PICKLE_SUFFIXES, CheckpointError, error_list, load_t
 from .checkpoint_keys import (EMA_BOOKKEEPING, EMA_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
                               KeyMap, check, convert_text, ema_key, gather, scatter, text_keymaps, unet_keymaps,
                               vae_keymaps)
-from .model_info import ModelInfo
+from .model_info import FAMILY_NAMES, ModelInfo
 from .models.text import TextEncoder, TextEncoderConfig
 from .models.unet import UNet, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
@@ -155,8 +156,7 @@ def _layout(path: Path, shapes: dict, metadata: dict, prediction_type):
     if prediction_type:
         hints.prediction_type = prediction_type
     layout = analyse(path, shapes, metadata, hints)
-    prediction = hints.prediction_type or layout.schedule.get("prediction_type") or "epsilon"
-    return layout, _schedule(layout.schedule, prediction, path)
+    return layout, _schedule(layout.schedule, None, path)
 
 
 def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Components:
@@ -172,7 +172,7 @@ def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Comp
         "vae": vae_keymaps(vae.state_dict(), len(vae.config.block_out_channels)),
         "text": text_keymaps(text_weights, layout.text_layout, layout.text.backend),
     }
-    _validate(path, f"{layout.family} model its shapes describe", shapes,
+    _validate(path, f"{FAMILY_NAMES[layout.family].split(' (')[0]} model its tensors describe", shapes,
               [(maps["unet"], _module_shapes(unet)), (maps["vae"], _module_shapes(vae)),
                (maps["text"], _module_shapes(text_weights))],
               lambda k: _ignorable_sd_key(k, ema_used))
@@ -181,19 +181,11 @@ def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Comp
     _assign(vae, gather(maps["vae"], tensors), dtype)
     text.load_weights(gather(maps["text"], tensors))
     info = _single_file_info(path, layout, schedule, shapes, dtypes)
-    defaults = layout.defaults
-    return Components(unet, vae, text, schedule, info, defaults)
+    return Components(unet, vae, text, schedule, info, layout.defaults)
 
 
 def _numel(shapes: dict, keep) -> int:
-    total = 0
-    for key, shape in shapes.items():
-        if keep(key):
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-    return total
+    return sum(math.prod(shape) for key, shape in shapes.items() if keep(key))
 
 
 def _common_dtype(dtypes: dict, keys) -> str:

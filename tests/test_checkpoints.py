@@ -188,6 +188,14 @@ def test_prediction_type_from_sidecar_yaml_or_argument(single_files, tmp_path):
         load(bare, prediction_type="v")
 
 
+@pytest.mark.parametrize("metadata", [{"modelspec.prediction_type": "v"}, {"ss_v_parameterization": "True"}])
+def test_prediction_type_from_other_tools_metadata(single_files, tmp_path, metadata):
+    path = tmp_path / "tagged.safetensors"
+    save_file(load_file(str(single_files["sd2"])), str(path), metadata=metadata)
+    info = describe(path)
+    assert (info.prediction_type, info.sample_size) == ("v_prediction", 96)
+
+
 def test_ckpt_with_lightning_nesting_loads_like_the_safetensors(loaded, single_files, tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(str(single_files["sd1"])), "global_step": 10, "epoch": 1}, path)

@@ -148,7 +148,8 @@ class TextEncoder(nn.Module):
         self.model = build(self.config)
         self.tokenizer = tokenizer if tokenizer is not None else bundled_tokenizer()
         # A folder's own tokenizer knows its padding; the bundled one pads as the family was trained.
-        self.pad_id = tokenizer.pad_token_id if tokenizer is not None else PAD_IDS[self.config.family]
+        own_pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = own_pad if own_pad is not None else PAD_IDS[self.config.family]
         self.max_length = self.config.max_position_embeddings
         self.hidden_size = self.config.hidden_size
 
