@@ -1,0 +1,417 @@
+"""``ldm batch PROMPT_FILE --out DIR``: every line of a prompt file drawn, resumably, by one or many processes.
+
+The run, in order:
+
+1. read and check the whole prompt file (``ldm.prompt_file``): every bad line is reported as ``file:line: reason``
+   before any model loads; ``--skip-invalid`` leaves bad lines out with a warning instead;
+2. make the **plan**: one item per image (line, image index, prompt, seed, settings, file name), and the batches
+   (compatible items, ``--batch-size`` at a time, fixed by the plan alone);
+3. compare the plan with ``DIR/batch.json`` (a changed file or changed settings are refused unless --overwrite);
+4. skip the finished images (a manifest record whose file exists with the recorded sha256), make the rest, and
+   record each one in the manifest after its PNG is durably in place (``ldm.manifest``).
+
+Seeds: a line's ``seed`` gives its images seed, seed+1, ...; otherwise the line's first seed is derived from
+``--seed`` and the line number by SplitMix64 (Steele et al. 2014), so an image depends only on its line.
+
+Batches are part of the plan and never re-packed: a resumed run re-runs a partly finished batch whole (writing
+only its missing images), and process r of N takes batches j with j % N == r. Every image is thus computed
+in the same company as in an uninterrupted single-process run — batched CPU/GPU kernels are not bit-identical
+across batch sizes, so this is what makes "the same image" mean the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import unicodedata
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import manifest as mf
+from .cli import UsageError, add_model_arguments, image_side, load_pipeline, number, positive_int, seed_int
+from .prompt_file import FORMATS, PromptFile, read_prompt_file
+
+DEFAULT_BATCH_SIZE = 4
+SLUG_LENGTH = 60
+GRID = "grid.png"
+GRID_CELL = 256  # the contact sheet's largest thumbnail side, in pixels
+_MASK64 = (1 << 64) - 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = "%(prog)s PROMPT_FILE --out DIR [options]    (the same command again resumes)"
+    p.add_argument("prompt_file", metavar="PROMPT_FILE", help=".txt, .jsonl or .csv file, or - for stdin")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs, manifest.jsonl, batch.json")
+    p.add_argument("--format", choices=FORMATS, help="prompt file format (default: from the suffix)")
+    p.add_argument("--seed", type=seed_int, default=0, metavar="N",
+                   help="base seed for lines without their own (default 0)")
+    p.add_argument("--num", "--images", dest="num", type=positive_int, default=1, metavar="N",
+                   help="images per line (seeds s, s+1, ...); under torchrun write --images (it takes --num for "
+                        "its own --numa-binding)")
+    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt for lines without their own")
+    p.add_argument("--steps", type=positive_int, metavar="N")
+    p.add_argument("--guidance", type=number, metavar="G", help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="dpmpp_2m", metavar="NAME")
+    p.add_argument("--height", type=image_side, metavar="H")
+    p.add_argument("--width", type=image_side, metavar="W")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                   help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--skip-invalid", action="store_true", help="leave out bad lines with a warning")
+    p.add_argument("--overwrite", action="store_true", help="start the folder's batch over")
+    p.add_argument("--grid", action="store_true", help=f"also write a contact sheet, DIR/{GRID}")
+    add_model_arguments(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Item:
+    """One image of the plan."""
+
+    line: int
+    image: int  # 0 .. num-1 within its line
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+    height: int
+    width: int
+    file: str
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.line, self.image
+
+    @property
+    def settings(self) -> tuple:
+        """Items with equal settings can share a forward pass."""
+        return self.steps, self.guidance, self.sampler, self.height, self.width
+
+
+@dataclass
+class Plan:
+    items: list[Item]
+    batches: list[list[int]]  # indices into items
+    record: dict[str, Any]  # what batch.json stores: settings and one hash per line
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood 2014): a bijection on 64-bit ints that mixes all bits."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def line_seed(base: int, line: int) -> int:
+    """The first seed of a line that names none: a 32-bit seed (as other SD tools print) from the base seed and
+    the line number only."""
+    return splitmix64(splitmix64(base) ^ line) >> 32
+
+
+def slug(prompt: str, limit: int = SLUG_LENGTH) -> str:
+    """A file-name-safe, bounded, stable rendering of a prompt: accents folded to ASCII, every other run of
+    characters (``/``, ``..``, NUL, emoji, spaces) made one ``-``, lowercase, at most ``limit`` characters."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return text[:limit].rstrip("-") or "prompt"
+
+
+def file_name(line: int, prompt: str, seed: int) -> str:
+    return f"{line:05d}-{slug(prompt)}-{seed}.png"
+
+
+def make_plan(prompts: PromptFile, args, pipe) -> Plan:
+    """Items for every valid line × ``--num`` with resolved settings (the model's defaults filled in by
+    ``pipe.request``, which also checks them), and the fixed batches."""
+    items: list[Item] = []
+    resolved: dict[tuple, Any] = {}
+    for entry in prompts.lines:
+        o = entry.options
+        wanted = (o.get("steps", args.steps), o.get("guidance", args.guidance), o.get("sampler", args.sampler),
+                  o.get("height", args.height), o.get("width", args.width))
+        if wanted not in resolved:
+            try:
+                resolved[wanted] = pipe.request("x", None, *wanted, seed=0)
+            except ValueError as e:
+                raise UsageError(f"{prompts.source}:{entry.line}: {e}") from None
+        req = resolved[wanted]
+        first = o["seed"] if "seed" in o else line_seed(args.seed, entry.line)
+        if first + args.num > 2**64:
+            raise UsageError(f"{prompts.source}:{entry.line}: seed {first} + {args.num} images passes 2**64")
+        negative = o.get("negative_prompt", args.negative)
+        for k in range(args.num):
+            items.append(Item(entry.line, k, entry.prompt, negative, first + k, req.steps, req.guidance,
+                              req.sampler, req.height, req.width, file_name(entry.line, entry.prompt, first + k)))
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item.settings, []).append(i)
+    batches = [g[s:s + args.batch_size] for g in groups.values() for s in range(0, len(g), args.batch_size)]
+    batches.sort(key=lambda b: b[0])
+    return Plan(items, batches, _plan_record(prompts, args, pipe, items))
+
+
+def _plan_record(prompts: PromptFile, args, pipe, items: list[Item]) -> dict[str, Any]:
+    settings = {"num": args.num, "seed": args.seed, "negative": args.negative, "steps": args.steps,
+                "guidance": args.guidance, "sampler": args.sampler, "height": args.height, "width": args.width,
+                "model": pipe.model_hash or str(pipe.source), "dtype": str(pipe.dtype).removeprefix("torch.")}
+    by_line: dict[str, list[dict]] = {}
+    for item in items:
+        by_line.setdefault(str(item.line), []).append(asdict(item))
+    lines = {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in by_line.items()}
+    return {"prompt_file": prompts.source, "settings": settings, "lines": lines, "images": len(items)}
+
+
+# ---------------------------------------------------------------------- processes
+@dataclass
+class World:
+    """This process's place among the ``torchrun`` / ``accelerate launch`` processes (one: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def start(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")  # CPU tensors only: barriers and a few counts
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def total(self, counts: list[int]) -> list[int]:
+        if self.size == 1:
+            return counts
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(counts, dtype=torch.int64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def stop(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- the command
+def run(args) -> int:
+    world = World.from_environment()
+    if args.prompt_file == "-" and world.size > 1:
+        raise UsageError("reading prompts from stdin needs a single process; save them to a file")
+    from .samplers import get_sampler
+
+    get_sampler(args.sampler)  # a bad --sampler fails before the file is read
+    stdin = sys.stdin.buffer if args.prompt_file == "-" else None
+    prompts = read_prompt_file(args.prompt_file, args.format, stdin=stdin)
+    _report(prompts, args.skip_invalid, world.rank == 0)
+    if not prompts.lines:
+        raise UsageError(f"{prompts.source}: no prompts to draw")
+    out = mf.check_writable(args.out)
+    if args.device in ("cuda", "gpu") and world.size > 1:
+        args.device = f"cuda:{world.local_rank}"
+    pipe = load_pipeline(args)
+    plan = make_plan(prompts, args, pipe)
+    previous = None if args.overwrite else _previous_plan(out)
+    if previous is not None and _comparable(previous) != _comparable(plan.record):
+        raise UsageError(f"{out} holds a batch made from a different plan ({mf.describe_change(previous, plan.record)})"
+                         "; pass --overwrite to start over, or choose another --out")
+    world.start()
+    try:
+        if world.rank == 0:
+            _prepare(out, plan, args.overwrite)
+        world.barrier()
+        made, skipped, failed = _generate(pipe, plan, out, world, args.quiet)
+        world.barrier()
+        made, skipped, failed = world.total([made, skipped, failed])
+        if world.rank == 0:
+            records = mf.merge(out, _record_key)
+            if args.grid:
+                _contact_sheet(out, [r["file"] for r in records])
+            invalid = f", {len(prompts.errors)} invalid lines left out" if prompts.errors else ""
+            print(f"ldm batch: {len(plan.items)} images: {made} made, {skipped} already done, {failed} failed"
+                  f"{invalid}; {out / mf.MANIFEST}", file=sys.stderr)
+    finally:
+        world.stop()
+    return 1 if failed else 0
+
+
+def _report(prompts: PromptFile, skip_invalid: bool, speak: bool) -> None:
+    if speak:
+        for problem in sorted(prompts.warnings + (prompts.errors if skip_invalid else []), key=lambda p: p.line):
+            kind = "line left out: " if problem in prompts.errors else ""
+            print(f"{problem.source}:{problem.line}: warning: {kind}{problem.message}", file=sys.stderr)
+        if not skip_invalid:
+            for problem in prompts.errors:
+                print(f"{problem}", file=sys.stderr)
+    if prompts.errors and not skip_invalid:
+        n = len(prompts.errors)
+        raise UsageError(f"{n} invalid line{'s' if n > 1 else ''} in {prompts.source} (listed above); fix "
+                         f"{'them' if n > 1 else 'it'} or pass --skip-invalid to leave {'them' if n > 1 else 'it'} out")
+
+
+def _previous_plan(out: Path) -> dict | None:
+    plan = mf.load_plan(out)
+    if plan is None and mf.read_records(out / mf.MANIFEST):
+        raise UsageError(f"{out} has a {mf.MANIFEST} but no {mf.PLAN}; pass --overwrite to start over")
+    if plan is not None:
+        plan.pop("version", None)
+    return plan
+
+
+def _comparable(plan: dict) -> tuple:
+    """What must match for a folder to be resumed: the settings and every line's items (not the file's name)."""
+    return plan.get("settings"), plan.get("lines")
+
+
+def _record_key(record: dict) -> tuple[int, int]:
+    return int(record["line"]), int(record["image"])
+
+
+def _prepare(out: Path, plan: Plan, overwrite: bool) -> None:
+    """Rank 0, before any image: clear what --overwrite discards, drop temporaries, merge leftover manifest
+    parts of a killed multi-process run, and record the plan."""
+    if overwrite:
+        for record in mf.read_records(out / mf.MANIFEST) + [r for p in out.glob("manifest.rank*.jsonl")
+                                                            for r in mf.read_records(p)]:
+            name = str(record.get("file", ""))
+            if name and Path(name).name == name:  # only plain names inside DIR, never a path
+                (out / name).unlink(missing_ok=True)
+        for name in (mf.MANIFEST, mf.PLAN, GRID):
+            (out / name).unlink(missing_ok=True)
+        for part in out.glob("manifest.rank*.jsonl"):
+            part.unlink()
+    mf.remove_temporaries(out)
+    mf.merge(out, _record_key)
+    mf.save_plan(out, plan.record)
+
+
+def _finished(out: Path, plan: Plan, wanted: set[int]) -> set[int]:
+    """Indices (among ``wanted``) of items with a manifest record for the same file whose bytes still hash to
+    the recorded sha256. A PNG without a record is not trusted: it is made again (and overwritten)."""
+    by_key = {plan.items[i].key: i for i in wanted}
+    done = set()
+    for record in mf.read_records(out / mf.MANIFEST):
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            i = by_key.get(_record_key(record))
+            if i is not None and record["file"] == plan.items[i].file and _sha256(out / record["file"]) == record["sha256"]:
+                done.add(i)
+    return done
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _generate(pipe, plan: Plan, out: Path, world: World, quiet: bool) -> tuple[int, int, int]:
+    """Make this rank's unfinished images; returns (made, skipped, failed)."""
+    from tqdm.auto import tqdm
+
+    mine = [b for j, b in enumerate(plan.batches) if j % world.size == world.rank]
+    done = _finished(out, plan, {i for b in mine for i in b})
+    todo = sum(i not in done for b in mine for i in b)
+    made = failed = 0
+    target = out / mf.MANIFEST if world.size == 1 else mf.part_path(out, world.rank)
+    label = "images" if world.size == 1 else f"rank 0/{world.size}"
+    with mf.ManifestWriter(target) as manifest, \
+            tqdm(total=todo, desc=label, unit="img", disable=quiet or world.rank != 0 or todo == 0) as bar, \
+            warnings.catch_warnings():
+        # the checker already warned, with file:line, about prompts past CLIP's 77 tokens
+        warnings.filterwarnings("ignore", message=r"prompt \d+ is longer than CLIP")
+        for batch in mine:
+            missing = [i for i in batch if i not in done]
+            if not missing:
+                continue
+            items = [plan.items[i] for i in batch]
+            first = items[0]
+            try:
+                images = pipe([it.prompt for it in items], [it.negative_prompt for it in items], first.steps,
+                              first.guidance, first.sampler, first.height, first.width,
+                              seed=[it.seed for it in items], progress=False)
+            except FloatingPointError as e:
+                lines = ", ".join(str(plan.items[i].line) for i in missing)
+                warnings.warn(f"lines {lines}: {e}; these images were not made")
+                failed += len(missing)
+                bar.update(len(missing))
+                continue
+            for i, image in zip(batch, images):
+                if i in done:
+                    continue
+                path = out / plan.items[i].file
+                try:
+                    manifest.append(_write_image(path, plan.items[i], image))
+                except OSError as e:
+                    raise OSError(e.errno, f"cannot write {path} or its manifest record: {e.strerror or e}; "
+                                           f"{len(done) + made} images are finished and kept: free space (or fix "
+                                           "the folder) and run the same command again to resume") from None
+                made += 1
+                bar.update(1)
+    return made, len(done), failed
+
+
+def _write_image(path: Path, item: Item, image) -> dict[str, Any]:
+    """The PNG (metadata included) written atomically; returns its manifest record."""
+    from PIL import PngImagePlugin
+
+    from .png_info import JSON_KEY, PARAMETERS_KEY
+
+    chunks = PngImagePlugin.PngInfo()
+    for key in (PARAMETERS_KEY, JSON_KEY):
+        chunks.add_text(key, image.info[key])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=chunks)
+    data = buffer.getvalue()
+    mf.write_atomic(path, data)
+    return {**asdict(item), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _contact_sheet(out: Path, files: list[str]) -> None:
+    """DIR/grid.png: every finished image in plan order, as thumbnails on a near-square grid."""
+    from PIL import Image
+
+    if not files:
+        return
+    thumbs = []
+    for name in files:
+        with Image.open(out / name) as im:
+            im.thumbnail((GRID_CELL, GRID_CELL))
+            thumbs.append(im.convert("RGB"))
+    cell_w, cell_h = max(t.width for t in thumbs), max(t.height for t in thumbs)
+    cols = math.ceil(math.sqrt(len(thumbs)))
+    rows = math.ceil(len(thumbs) / cols)
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    for k, thumb in enumerate(thumbs):
+        r, c = divmod(k, cols)
+        sheet.paste(thumb, (c * cell_w + (cell_w - thumb.width) // 2, r * cell_h + (cell_h - thumb.height) // 2))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    mf.write_atomic(out / GRID, buffer.getvalue())
