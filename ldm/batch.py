@@ -234,7 +234,7 @@ def run(args) -> int:
     if not prompts.lines:
         raise UsageError(f"{prompts.source}: no prompts to draw")
     out = mf.check_writable(args.out)
-    if args.device in ("cuda", "gpu") and world.size > 1:
+    if args.device == "cuda" and world.size > 1:  # one GPU per process
         args.device = f"cuda:{world.local_rank}"
     pipe = load_pipeline(args)
     plan = make_plan(prompts, args, pipe)
