@@ -83,7 +83,8 @@ def read_safetensors_header(path: Path) -> TensorHeader:
 def _unpickler_detail(exc: Exception) -> str:
     """The first line of what torch's weights-only unpickler said after its boilerplate."""
     text = str(exc).split("WeightsUnpickler error:", 1)[-1]
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    line = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return line.split(". ", 1)[0]
 
 
 def load_pickle(path: Path) -> dict:

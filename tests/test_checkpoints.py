@@ -139,8 +139,12 @@ def test_folder_to_single_file_to_diffusers_round_trip(family, folders, single_f
         json.loads((TOKENIZER_DIR / "vocab.json").read_text())
     ours = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
     original = StableDiffusionPipeline.from_pretrained(folders[family])
+    # diffusers' own single-file loader (its SD -> diffusers tables) reads our SD file to the same weights.
+    from_file = StableDiffusionPipeline.from_single_file(single_files[family], config=str(folders[family]),
+                                                         local_files_only=True, safety_checker=None)
     for name in ("unet", "vae", "text_encoder"):
         assert weights_equal(getattr(ours, name).state_dict(), getattr(original, name).state_dict()), name
+        assert weights_equal(getattr(from_file, name).state_dict(), getattr(original, name).state_dict()), name
     assert ours.tokenizer.pad_token_id == original.tokenizer.pad_token_id
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_prompt(PROMPTS, "cpu", 1, False)[0],
