@@ -71,7 +71,7 @@ class Pipeline(Applications):
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.vae_dtype = resolve_dtype(vae_dtype)
         if components is None:
-            components, source = _load_default(self.device), DEFAULT_MODEL
+            components, source = _load_default(), DEFAULT_MODEL
         from .schedules import NoiseSchedule
 
         self.components = components
@@ -85,6 +85,10 @@ class Pipeline(Applications):
         self.latent_channels = self.vae.config.latent_channels
         self._network: Callable = torch.compile(self.unet) if compile else self.unet
         self._offload: torch.device | None = None
+        # Run the U-Net one batch row at a time, so that an image's floating-point arithmetic never depends on
+        # what else is in the batch (CPU kernels pick blockings by batch size). On by default on the CPU, where
+        # batching gains little; on GPUs batching is the speed, and their kernels are not bitwise stable anyway.
+        self.batch_invariant = self.device.type == "cpu"
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, *, vae_dtype=torch.float32, compile=False) -> Pipeline:
@@ -215,6 +219,8 @@ class Pipeline(Applications):
         from .denoiser import Denoiser
 
         network = _InpaintingInput(self._network) if self.is_inpainting_model else self._network
+        if self.batch_invariant:
+            network = _RowByRow(network)
         return Denoiser(network, self.schedule, dtype=self.dtype)
 
     def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
@@ -355,7 +361,20 @@ class _InpaintingInput(torch.nn.Module):
         return self.network(torch.cat([x, mask.to(x.dtype), masked_latents.to(x.dtype)], dim=1), t, context)
 
 
-def _load_default(device):
+class _RowByRow(torch.nn.Module):
+    """network(x, t, **cond) evaluated on one batch row at a time and concatenated (see batch_invariant)."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x, t, **cond):
+        rows = [self.network(x[i:i + 1], t[i:i + 1], **{k: v[i:i + 1] for k, v in cond.items()})
+                for i in range(x.shape[0])]
+        return torch.cat(rows)
+
+
+def _load_default():
     if not (DEFAULT_MODEL / "model_index.json").is_file():
         raise DefaultModelMissing(
             f"the default model is not installed (expected a diffusers folder at {DEFAULT_MODEL}); pass a model "
