@@ -135,45 +135,48 @@ def euler(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
     return x
 
 
-@torch.no_grad()
-def heun(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
-    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)."""
-    run = _Run(denoiser, sigmas, generator, callback)
-    for i, sigma, sigma_next in run:
-        denoised = run.denoise(i, x)
-        slope = (x - denoised) / sigma
-        x_euler = x + slope * (sigma_next - sigma)
-        if sigma_next == 0:
-            # The slope at σ = 0 is undefined; the last step is plain Euler (Algorithm 1, line 8).
-            x = x_euler
-            continue
-        slope_next = (x_euler - run.model(x_euler, sigma_next)) / sigma_next
-        x = x + (slope + slope_next) / 2 * (sigma_next - sigma)
-    return x
-
-
-@torch.no_grad()
-def dpm_2(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
-    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1 with r = 1/2): a midpoint step in log σ."""
-    run = _Run(denoiser, sigmas, generator, callback)
+def _runge_kutta_2(run: _Run, x: Tensor, probe: Callable[[float, float], float], weight: float) -> Tensor:
+    """Two-stage Runge–Kutta on the probability-flow ODE: an Euler step to a probe level σ_p, the slope there,
+    and the step taken with (1 − w)·slope(σ) + w·slope(σ_p).  The last step to σ = 0, where the slope is
+    undefined, is plain Euler (Karras et al. 2022, Algorithm 1, line 8)."""
     for i, sigma, sigma_next in run:
         denoised = run.denoise(i, x)
         slope = (x - denoised) / sigma
         if sigma_next == 0:
             x = x - slope * sigma
             continue
-        # The midpoint in λ = −log σ is the geometric mean of σ and σ'.
-        sigma_mid = math.sqrt(sigma * sigma_next)
-        x_mid = x + slope * (sigma_mid - sigma)
-        slope_mid = (x_mid - run.model(x_mid, sigma_mid)) / sigma_mid
-        x = x + slope_mid * (sigma_next - sigma)
+        sigma_probe = probe(sigma, sigma_next)
+        x_probe = x + slope * (sigma_probe - sigma)
+        slope_probe = (x_probe - run.model(x_probe, sigma_probe)) / sigma_probe
+        x = x + (slope * (1 - weight) + slope_probe * weight) * (sigma_next - sigma)
     return x
 
 
 @torch.no_grad()
-def dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), multistep in λ = −log σ."""
-    run = _Run(denoiser, sigmas, generator, callback)
+def heun(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)."""
+    # Trapezoid rule: probe at the end of the step, average the two slopes.
+    return _runge_kutta_2(_Run(denoiser, sigmas, generator, callback), x, lambda s, s_next: s_next, 0.5)
+
+
+@torch.no_grad()
+def dpm_2(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
+    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1 with r = 1/2): a midpoint step in log σ."""
+    # The midpoint in λ = −log σ is the geometric mean of σ and σ'; its slope alone makes the step.
+    return _runge_kutta_2(_Run(denoiser, sigmas, generator, callback), x, lambda s, s_next: math.sqrt(s * s_next),
+                          1.0)
+
+
+def _dpmpp_2m(run: _Run, x: Tensor, eta: float) -> Tensor:
+    """DPM-Solver++(2M) in λ = −log σ, as an ODE (η = 0) or SDE (η > 0) solver; h = λ' − λ = log(σ/σ').
+
+    The SDE form (Lu et al. 2022, "DPM-Solver++", §4; k-diffusion's midpoint variant) keeps a fraction e^{−ηh}
+    of the current noise and redraws the rest:
+        x' = (σ'/σ)·e^{−ηh}·x + (1 − e^{−(1+η)h})·D + σ'·sqrt(1 − e^{−2ηh})·z,
+    where D is the denoised estimate, corrected after the first step by a linear extrapolation through the
+    last two estimates to the step's midpoint: D = x0_i + (x0_i − x0_{i−1})/(2r), r = h_{i−1}/h_i.
+    With η = 0 this is DPM-Solver++(2M) (Algorithm 2): x' = (σ'/σ)·x − (e^{−h} − 1)·D.
+    """
     previous, h_previous = None, None
     for i, sigma, sigma_next in run:
         denoised = run.denoise(i, x)
@@ -181,17 +184,22 @@ def dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
             x = denoised
         else:
             h = math.log(sigma / sigma_next)
+            keep = -math.expm1(-h - eta * h)
             d = denoised
             if previous is not None:
-                # Linear extrapolation of x0(λ) through the last two estimates, evaluated at the step's
-                # midpoint: D = (1 + 1/(2r))·x0_i − 1/(2r)·x0_{i−1}, r = h_{i−1}/h_i.
-                r = h_previous / h
-                d = denoised * (1 + 1 / (2 * r)) - previous * (1 / (2 * r))
-            # Exact integration of the linear part: x' = (σ'/σ)·x + (1 − e^{−h})·D.
-            x = x * (sigma_next / sigma) - d * math.expm1(-h)
+                d = denoised + (denoised - previous) * (h / (2 * h_previous))
+            x = x * (sigma_next / sigma * math.exp(-eta * h)) + d * keep
+            if eta > 0:
+                x = x + run.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta * h)))
             h_previous = h
         previous = denoised
     return x
+
+
+@torch.no_grad()
+def dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), multistep in λ = −log σ."""
+    return _dpmpp_2m(_Run(denoiser, sigmas, generator, callback), x, eta=0.0)
 
 
 @torch.no_grad()
@@ -199,26 +207,7 @@ def dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, eta: flo
     """DPM-Solver++(2M) SDE (Lu et al. 2022, "DPM-Solver++", §4; midpoint form as in k-diffusion)."""
     if eta < 0:
         raise ValueError(f"dpmpp_2m_sde: eta must be >= 0, got {eta}")
-    run = _Run(denoiser, sigmas, generator, callback)
-    previous, h_previous = None, None
-    for i, sigma, sigma_next in run:
-        denoised = run.denoise(i, x)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            # The SDE variant keeps a fraction e^{−ηh} of the current noise and re-draws the rest:
-            # x' = (σ'/σ)e^{−ηh}·x + (1 − e^{−(1+η)h})·x0 + σ'·sqrt(1 − e^{−2ηh})·z.
-            keep = -math.expm1(-h - eta * h)
-            x = x * (sigma_next / sigma * math.exp(-eta * h)) + denoised * keep
-            if previous is not None:
-                r = h_previous / h
-                x = x + (denoised - previous) * (0.5 * keep / r)
-            if eta > 0:
-                x = x + run.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta * h)))
-            h_previous = h
-        previous = denoised
-    return x
+    return _dpmpp_2m(_Run(denoiser, sigmas, generator, callback), x, eta)
 
 
 class UnknownSamplerError(KeyError, ValueError):
