@@ -1,5 +1,5 @@
 """img2img, inpaint, denoise, anomaly, upscale: types and sizes on a tiny random model, and behaviour on a model
-that knows its data: an exact (analytic) denoiser for a Gaussian fitted to the latents of smooth images."""
+that knows its data (tests/wiener.py: the exact denoiser of smooth random fields)."""
 
 import numpy as np
 import pytest
@@ -10,6 +10,7 @@ from ldm import Pipeline
 from ldm.applications import estimate_noise
 from ldm.images import to_tensor
 from tiny_models import save_tiny_pipeline
+from wiener import SIZE, knowing_pipeline, smooth_fields
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 PROMPT = "a turtle playing basketball"
@@ -134,65 +135,9 @@ def test_noise_level_estimate():
 
 
 # ---------------------------------------------------------------------- a model that knows its data
-# Data: smooth periodic random fields, x0 = irfft2(rfft2(w)·sqrt(P)) with w white noise, so x0 is Gaussian with a
-# covariance that is diagonal in the 2-D Fourier basis (power spectrum P). The exact denoiser is then the Wiener
-# filter E[x0 | x0 + σn] = irfft2(rfft2(x)·P/(P + σ²)). The pipeline runs it in pixel space through an identity
-# "VAE", so what is tested is the pipeline's own logic (noise levels, partial noising, reconstruction, maps).
-SIZE = 32
-
-
-def power_spectrum(size: int = SIZE, length: float = 4.0) -> torch.Tensor:
-    ky = torch.fft.fftfreq(size)[:, None]
-    kx = torch.fft.rfftfreq(size)[None, :]
-    p = torch.exp(-(kx**2 + ky**2) * (2 * np.pi * length) ** 2 / 2)
-    return p / p.mean() * 0.09  # pixel std about 0.3 in [-1, 1] units
-
-
-def smooth_fields(n: int, seed: int) -> torch.Tensor:
-    w = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return torch.fft.irfft2(torch.fft.rfft2(w, norm="ortho") * power_spectrum().sqrt(), s=(SIZE, SIZE),
-                            norm="ortho").float()
-
-
-class WienerUNet(torch.nn.Module):
-    """Stands in for the U-Net: the exact ε-prediction for smooth_fields() data (ignores the text context)."""
-
-    def __init__(self, schedule):
-        super().__init__()
-        self.schedule, self.power = schedule, power_spectrum().double()
-        self.config = type("Config", (), {"sample_size": SIZE, "in_channels": 3})()
-        self.anchor = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x_t, t, context):
-        sigma = self.schedule.t_to_sigma(t.double().cpu()).view(-1, 1, 1, 1)
-        x = x_t.double() * (1 + sigma**2).sqrt()  # back to σ-space
-        gain = self.power / (self.power + sigma**2)
-        x0 = torch.fft.irfft2(torch.fft.rfft2(x, norm="ortho") * gain, s=x.shape[-2:], norm="ortho")
-        return ((x - x0) / sigma).to(x_t.dtype)
-
-
-class IdentityVAE(torch.nn.Module):
-    """Latents = pixels (scale 1, 3 channels): the pipeline's encode/decode calls with nothing in between."""
-
-    config = type("Config", (), {"block_out_channels": (3,), "latent_channels": 3, "scaling_factor": 1.0,
-                                 "shift_factor": None})()
-
-    def encode(self, x):
-        return type("Posterior", (), {"mode": lambda _: x.float()})()
-
-    def decode(self, z, dtype=None):
-        return z.to(dtype or torch.float32)
-
-
 @pytest.fixture(scope="module")
 def knowing():
-    from ldm.checkpoints import Components
-    from ldm.schedules import NoiseSchedule, ScheduleConfig
-    from tiny_models import tiny_text_encoder
-
-    schedule = ScheduleConfig()
-    return Pipeline(Components(unet=WienerUNet(NoiseSchedule(schedule)), vae=IdentityVAE(),
-                               text_encoder=tiny_text_encoder(), schedule=schedule, info=None))
+    return knowing_pipeline()
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

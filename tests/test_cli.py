@@ -110,3 +110,84 @@ def test_missing_default_model_says_how_to_pass_one(capsys, tmp_path, monkeypatc
     status, _, err = run(capsys, "generate", "a turtle")
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "default model is not installed" in err and "--model PATH" in err
+
+
+# ---------------------------------------------------------------------- smoke tests on a tiny model
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from tiny_models import save_tiny_pipeline
+
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("cli") / "model", "sd1"))
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_generate_writes_pngs_with_metadata_and_from_png_redoes_them(capsys, tmp_path, model, single_thread):
+    status, out, err = run(capsys, "generate", "a turtle, playing: basketball", "-o", str(tmp_path / "t.png"),
+                           "--model", model, "--seed", "11", "--steps", "3", "--height", "16", "--width", "24",
+                           "--negative", "blurry", "--sampler", "euler_a", "--guidance", "5", "--num", "2", "-q")
+    assert status == 0, err
+    assert out.split() == [str(tmp_path / "t-0.png"), str(tmp_path / "t-1.png")]
+    with Image.open(tmp_path / "t-1.png") as im:
+        assert im.size == (24, 16)
+        settings = json.loads(im.info["ldm"])
+        assert "Negative prompt: blurry" in im.info["parameters"]
+    assert (settings["prompt"], settings["seed"], settings["sampler"], settings["guidance"]) == \
+        ("a turtle, playing: basketball", 12, "euler_a", 5.0)
+    assert settings["model_hash"] and len(settings["model_hash"]) == 10
+
+    status, out, err = run(capsys, "generate", "--from-png", str(tmp_path / "t-1.png"), "-o",
+                           str(tmp_path / "again.png"), "-q")  # the model path is taken from the PNG too
+    assert status == 0, err
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "t-1.png"))  # bitwise the same
+    status, _, err = run(capsys, "generate", "--from-png", str(tmp_path / "t-1.png"), "--steps", "4", "-o",
+                         str(tmp_path / "changed.png"), "-q")
+    assert status == 0, err  # a flag given on the command line wins over the stored setting
+    assert json.loads(Image.open(tmp_path / "changed.png").info["ldm"])["steps"] == 4
+
+
+def test_generate_default_name_img2img_and_inpaint(capsys, tmp_path, monkeypatch, model, single_thread):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(capsys, "generate", "A turtle!", "--model", model, "--seed", "5", "--steps", "2", "-q")
+    assert status == 0, err
+    assert out.strip() == "a-turtle-5.png" and Path("a-turtle-5.png").is_file()
+    Image.new("L", (16, 16), 255).save("mask.png")
+    for extra in (["--strength", "0.5"], ["--mask", "mask.png"]):
+        status, out, err = run(capsys, "generate", "a red apple", "--image", "a-turtle-5.png", *extra, "-o",
+                               "edit.png", "--model", model, "--steps", "2", "-q")
+        assert status == 0, err
+        assert json.loads(Image.open("edit.png").info["ldm"])["extra"]["mode"] in ("img2img", "inpaint")
+    line = one_line_error(capsys, "generate", "--from-png", "edit.png", "--model", model,
+                          match="was made by inpaint; pass --image")
+    assert "edit.png" in line
+
+
+def test_info_convert_and_visualize(capsys, tmp_path, model, single_thread):
+    status, out, err = run(capsys, "info", model, "--hash")
+    assert status == 0, err
+    assert "SD 1.x" in out and "epsilon" in out and "hash" in out
+    status, out, err = run(capsys, "convert", model, str(tmp_path / "single.safetensors"))
+    assert status == 0, err
+    status, out, err = run(capsys, "convert", "--model", str(tmp_path / "single.safetensors"),
+                           str(tmp_path / "folder"))
+    assert status == 0 and (tmp_path / "folder" / "model_index.json").is_file(), err
+    one_line_error(capsys, "convert", model, str(tmp_path / "folder"), match="exists; pass --overwrite")
+    images = []
+    for source in (model, str(tmp_path / "single.safetensors"), str(tmp_path / "folder")):
+        path = tmp_path / f"img{len(images)}.png"
+        status, _, err = run(capsys, "generate", "x", "-o", str(path), "--model", source, "--seed", "1",
+                             "--steps", "2", "-q")
+        assert status == 0, err
+        images.append(pixels(path))
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+
+    status, out, err = run(capsys, "info", str(tmp_path / "img0.png"))
+    assert status == 0 and out.startswith("x\nSteps: 2, Sampler: DPM++ 2M")
+    status, out, err = run(capsys, "visualize", "a turtle", "-o", str(tmp_path / "fig.png"), "--model", model,
+                           "--t", "0,500,999", "--steps", "6", "--image", str(tmp_path / "img0.png"))
+    assert status == 0, err
+    with Image.open(tmp_path / "fig.png") as fig:
+        assert fig.size == (80 + 3 * 128, 18 + 2 * 128)
