@@ -138,21 +138,23 @@ def load_pipeline(args, **kwargs):
     return Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(args, "dtype", None), **kwargs)
 
 
-def positive_int(text: str) -> int:
+def _parsed(text: str, kind, label: str = ""):
     try:
-        value = int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{label}{text!r} is not {'an integer' if kind is int else 'a number'}") \
+            from None
+
+
+def positive_int(text: str) -> int:
+    value = _parsed(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
 
 
 def seed_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
+    value = _parsed(text, int, "seed ")
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"seed {value} is outside [0, 2**64)")
     return value
@@ -166,10 +168,7 @@ def image_side(text: str) -> int:
 
 
 def number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parsed(text, float)
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
