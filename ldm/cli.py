@@ -184,7 +184,7 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_int, metavar="N", help="seed of the first image (default: random)")
     p.add_argument("--steps", type=positive_int, metavar="N")
     p.add_argument("--guidance", type=number, metavar="G", help="classifier-free guidance scale")
-    p.add_argument("--sampler", metavar="NAME", help="dpmpp_2m (default), ddim, euler, euler_a, heun, ...")
+    p.add_argument("--sampler", metavar="NAME", help="dpmpp_2m (or the model's choice), ddim, euler, euler_a, ...")
     p.add_argument("--spacing", metavar="S", help="leading, trailing, linspace, karras, exponential")
     p.add_argument("--height", type=image_side, metavar="H")
     p.add_argument("--width", type=image_side, metavar="W")
@@ -217,7 +217,8 @@ def generate(args) -> int:
         raise UsageError("--mask needs --image (the picture to inpaint)")
     if args.strength is not None and not 0.0 <= args.strength <= 1.0:
         raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
-    get_sampler(args.sampler or "dpmpp_2m")  # unknown names fail here, before the model loads
+    if args.sampler:
+        get_sampler(args.sampler)  # unknown names fail here, before the model loads
     outputs = _output_paths(args)
     if args.image:  # check the inputs before the model loads
         from .images import load_image, load_mask
@@ -231,8 +232,9 @@ def generate(args) -> int:
         warnings.warn(f"{args.from_png} was made with model hash {recorded.model_hash} but this model's is "
                       f"{pipe.model_hash}; the image will differ (pass --model)")
     options = dict(negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
-                   sampler=args.sampler or "dpmpp_2m", seed=args.seed, num_images_per_prompt=args.num or 1,
-                   eta=args.eta or 0.0, clip_skip=args.clip_skip, spacing=args.spacing, progress=not args.quiet,
+                   sampler=args.sampler or pipe.defaults.get("sampler", "dpmpp_2m"), seed=args.seed,
+                   num_images_per_prompt=args.num or 1, eta=args.eta or 0.0, clip_skip=args.clip_skip,
+                   spacing=args.spacing or pipe.defaults.get("spacing"), progress=not args.quiet,
                    height=args.height, width=args.width)
     strength = {} if args.strength is None else {"strength": args.strength}
     if args.image and args.mask:

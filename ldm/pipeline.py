@@ -30,7 +30,9 @@ from .devices import dtype_name, resolve_device, resolve_dtype
 from .png_info import GenerationInfo, attach, weights_hash
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
-SD_DEFAULTS = {"steps": 30, "guidance": 7.5}  # Stable Diffusion's usual settings, used when a model has none
+# Stable Diffusion's usual settings, for what a model's Components.defaults (its ldm.json) does not say. Keys read
+# here: steps, guidance, size or height/width; the CLI also takes sampler and spacing from them.
+SD_DEFAULTS = {"steps": 30, "guidance": 7.5}
 OUTPUT_TYPES = ("pil", "np", "latent")
 CONTINUOUS_SPACINGS = ("karras", "exponential")
 
@@ -148,7 +150,7 @@ class Pipeline(Applications):
             raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
         prompts = [p for p in prompts for _ in range(n)]  # diffusers' order: each prompt n times in a row
         negatives = [p for p in negatives for _ in range(n)]
-        native = self.unet.config.sample_size * self.vae_scale_factor
+        native = self.defaults.get("size") or self.unet.config.sample_size * self.vae_scale_factor
         height = (self.defaults.get("height") or native) if height is None else height
         width = (self.defaults.get("width") or native) if width is None else width
         img.check_size(height, width, max(8, self.vae_scale_factor))

@@ -228,3 +228,19 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     saved = pipe.save_pretrained(tmp_path / "copy")
     again = Pipeline.from_pretrained(saved)
     np.testing.assert_array_equal(again(PROMPT, **run), pipe(PROMPT, **run))
+
+
+def test_defaults_come_from_the_model_else_from_sd(pipe, monkeypatch):
+    req = pipe.request(PROMPT)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert (req.steps, req.guidance, req.height, req.width) == (30, 7.5, native, native)
+    for key, value in {"steps": 3, "guidance": 4.0, "size": 24}.items():
+        monkeypatch.setitem(pipe.defaults, key, value)  # what a model folder's ldm.json suggests
+    req = pipe.request(PROMPT, width=32)
+    assert (req.steps, req.guidance, req.height, req.width) == (3, 4.0, 24, 32)
+
+
+def test_compile_is_opt_in(folder):
+    assert Pipeline.from_pretrained(folder)._network.__class__.__name__ == "UNet"
+    compiled = Pipeline.from_pretrained(folder, compile=True)
+    assert compiled._network.__class__.__name__ == "OptimizedModule" and compiled.unet is compiled._network._orig_mod
