@@ -164,7 +164,7 @@ def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Comp
     layout, schedule = _layout(path, shapes, metadata, prediction_type)
     unet = _on_meta(UNet, _config(UNetConfig, layout.unet, path, "U-Net"))
     vae = _on_meta(AutoencoderKL, _config(VAEConfig, layout.vae, path, "VAE"))
-    text = TextEncoder(layout.text)
+    text = TextEncoder(layout.text, init_weights=False)
     text_weights = text.weights()
     ema_used = use_ema and layout.ema
     maps = {
@@ -308,7 +308,7 @@ def _load_folder(folder: Path, prediction_type, dtype) -> Components:
             raise CheckpointError(f"{folder / 'tokenizer'}: unreadable tokenizer ({exc})") from None
     unet = _on_meta(UNet, _config(UNetConfig, unet_cfg, folder / "unet" / "config.json", "U-Net"))
     vae = _on_meta(AutoencoderKL, _config(VAEConfig, vae_cfg, folder / "vae" / "config.json", "VAE"))
-    text = TextEncoder(text_cfg, tokenizer=tokenizer)
+    text = TextEncoder(text_cfg, tokenizer=tokenizer, init_weights=False)
     for name, ours in (("unet", _module_shapes(unet)), ("vae", _module_shapes(vae)),
                        ("text_encoder", _module_shapes(text.weights()))):
         _validate(weights[name].label, f"{name}/config.json", weights[name].shapes,

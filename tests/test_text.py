@@ -168,6 +168,17 @@ def test_text_layout_round_trip_is_exact():
     assert all(torch.equal(unpacked[k], original[k]) for k in original)
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_uninitialised_encoder_loads_to_the_same_model(family):
+    encoder = tiny_text_encoder(family)
+    empty = TextEncoder(encoder.config, init_weights=False).eval()
+    for (name, ours), (_, theirs) in zip(empty.model.named_buffers(), encoder.model.named_buffers()):
+        assert torch.equal(ours, theirs), name                 # constant buffers recomputed, not left empty
+    empty.load_weights(encoder.weights())
+    with torch.no_grad():
+        assert torch.equal(empty(PROMPTS), encoder(PROMPTS))
+
+
 # -- configs ------------------------------------------------------------------------------------------------
 def test_family_presets_describe_the_real_encoders():
     sd1, sd2 = TextEncoderConfig.sd1(), TextEncoderConfig.sd2()

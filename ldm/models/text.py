@@ -138,14 +138,34 @@ def _build_open_clip(config: TextEncoderConfig) -> nn.Module:
     )
 
 
-class TextEncoder(nn.Module):
-    """prompts -> context (B, 77, D). ``tokenizer``: a CLIPTokenizer (default: the bundled one)."""
+def _without_init(build, config: TextEncoderConfig) -> nn.Module | None:
+    """Build on the meta device, then allocate on the CPU with uninitialised weights (for weights about to
+    be loaded: random init of a 354M-parameter tower takes seconds). The constant buffers are recomputed;
+    None if the module has a buffer we do not know how to recompute."""
+    with torch.device("meta"):
+        model = build(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            owner = model.get_submodule(name.rpartition(".")[0])
+            if name.endswith("position_ids"):          # CLIPTextEmbeddings: 0, 1, ..., 76
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand(buffer.shape))
+            elif name.endswith("attn_mask") and hasattr(owner, "build_causal_mask"):    # open_clip: causal
+                buffer.copy_(owner.build_causal_mask())
+            else:
+                return None
+    return model
 
-    def __init__(self, config: TextEncoderConfig | None = None, tokenizer=None):
+
+class TextEncoder(nn.Module):
+    """prompts -> context (B, 77, D). ``tokenizer``: a CLIPTokenizer (default: the bundled one).
+    ``init_weights=False`` leaves the weights uninitialised, for callers that load them right after."""
+
+    def __init__(self, config: TextEncoderConfig | None = None, tokenizer=None, *, init_weights: bool = True):
         super().__init__()
         self.config = config or TextEncoderConfig()
         build = _build_open_clip if self.config.backend == "open_clip" else _build_transformers
-        self.model = build(self.config)
+        self.model = (None if init_weights else _without_init(build, self.config)) or build(self.config)
         self.tokenizer = tokenizer if tokenizer is not None else bundled_tokenizer()
         # A folder's own tokenizer knows its padding; the bundled one pads as the family was trained.
         own_pad = getattr(tokenizer, "pad_token_id", None)
