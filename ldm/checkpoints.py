@@ -330,7 +330,7 @@ def load(path, *, device=None, dtype=None, prediction_type=None, use_ema: bool =
     ldm's own metadata, they are taken as epsilon). use_ema: use the EMA U-Net weights when the file has them.
     """
     _check_prediction(prediction_type)
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         components = _load_folder(path, prediction_type, dtype)
     elif path.is_file():
@@ -343,7 +343,7 @@ def load(path, *, device=None, dtype=None, prediction_type=None, use_ema: bool =
 def describe(path, *, prediction_type=None) -> ModelInfo:
     """What a checkpoint holds, read from headers and configs without building the networks."""
     _check_prediction(prediction_type)
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         return _folder(path, prediction_type, False)[2]
     if not path.is_file():
@@ -395,7 +395,7 @@ def save_diffusers(components: Components, folder) -> None:
     temporary name and renamed into place; model_index.json comes last, so a folder that has it is whole."""
     from transformers import CLIPTextConfig
 
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     version = _diffusers_version()
     for name, module, cls in (("unet", components.unet, "UNet2DConditionModel"),
                               ("vae", components.vae, "AutoencoderKL")):
@@ -443,7 +443,7 @@ def save_single_file(components: Components, path) -> None:
     exact configs ride along as ``ldm.*`` metadata strings, so nothing is left to inference on reload."""
     import json
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: save_single_file writes .safetensors only")
     tensors, text_cfg = sd_state_dict(components.unet, components.vae, components.text_encoder)
