@@ -244,3 +244,12 @@ def test_compile_is_opt_in(folder):
     assert Pipeline.from_pretrained(folder)._network.__class__.__name__ == "UNet"
     compiled = Pipeline.from_pretrained(folder, compile=True)
     assert compiled._network.__class__.__name__ == "OptimizedModule" and compiled.unet is compiled._network._orig_mod
+
+
+def test_load_lora_delegates_to_ldm_lora(pipe, monkeypatch, tmp_path):
+    import ldm.lora
+
+    calls = []
+    monkeypatch.setattr(ldm.lora, "load_lora", lambda *args: calls.append(args) or "handle")
+    assert pipe.load_lora(tmp_path / "style.safetensors", 0.5) == "handle"
+    assert calls == [(pipe, tmp_path / "style.safetensors", 0.5)]
