@@ -240,8 +240,9 @@ def run(args) -> int:
     plan = make_plan(prompts, args, pipe)
     previous = None if args.overwrite else _previous_plan(out)
     if previous is not None and _comparable(previous) != _comparable(plan.record):
-        raise UsageError(f"{out} holds a batch made from a different plan ({mf.describe_change(previous, plan.record)})"
-                         "; pass --overwrite to start over, or choose another --out")
+        change = mf.describe_change(previous, plan.record)
+        raise UsageError(f"{out} holds a batch made from a different plan ({change}); pass --overwrite to start "
+                         "over, or choose another --out")
     world.start()
     try:
         if world.rank == 0:
@@ -320,7 +321,8 @@ def _finished(out: Path, plan: Plan, wanted: set[int]) -> set[int]:
     for record in mf.read_records(out / mf.MANIFEST):
         with contextlib.suppress(KeyError, TypeError, ValueError):
             i = by_key.get(_record_key(record))
-            if i is not None and record["file"] == plan.items[i].file and _sha256(out / record["file"]) == record["sha256"]:
+            if i is not None and record["file"] == plan.items[i].file \
+                    and _sha256(out / record["file"]) == record["sha256"]:
                 done.add(i)
     return done
 
