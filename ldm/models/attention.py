@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.checkpointing import Checkpointed
+from ldm.models.conv import tokens_in, tokens_out
 
 BACKENDS = ("sdpa", "xformers", "sliced")
 
@@ -184,8 +185,8 @@ class Transformer2D(nn.Module):
     against the context, project back and add the input (Rombach et al. 2022, SpatialTransformer).
 
     `linear` selects nn.Linear projections (SD 2.x) instead of 1x1 convolutions (SD 1.x); the two are the same
-    map, with weights of shape (C_out, C_in) vs (C_out, C_in, 1, 1). The token view is a permute of the
-    feature map: free when the map is channels-last in memory.
+    map, with weights of shape (C_out, C_in) vs (C_out, C_in, 1, 1); both run as one batched GEMM each way
+    (ldm.models.conv.tokens_in / tokens_out), so the map is never permuted and copied.
     """
 
     def __init__(
@@ -213,21 +214,10 @@ class Transformer2D(nn.Module):
         self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        tokens = self.norm(x)
-        if not self.linear:
-            tokens = self.proj_in(tokens)
-        tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, -1)
-        if self.linear:
-            tokens = self.proj_in(tokens)
+        tokens = tokens_in(self.norm(x), self.proj_in.weight, self.proj_in.bias)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        if self.linear:
-            tokens = self.proj_out(tokens)
-        out = tokens.view(b, h, w, -1).permute(0, 3, 1, 2)
-        if not self.linear:
-            out = self.proj_out(out)
-        return out + x
+        return tokens_out(tokens, self.proj_out.weight, self.proj_out.bias, x.shape[-2:]).add_(x)
 
 
 class SpatialSelfAttention(Attention):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.checkpointing import Checkpointed
+from ldm.models.conv import Conv2d
 
 # Builds the attention module that follows each resnet of a stage, given the stage's channel count.
 AttentionFactory = Callable[[int], nn.Module]
@@ -69,11 +70,11 @@ class ResnetBlock(Checkpointed):
         super().__init__()
         self.output_scale = output_scale
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def _forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,7 +94,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -106,7 +107,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
         if size is None:

@@ -179,7 +179,8 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
     head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - w) + head * w)
 
 
-def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile_in: int, tile_out: int) -> torch.Tensor:
+def apply_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile_in: int, tile_out: int
+                ) -> torch.Tensor:
     """Apply `fn` (mapping a tile_in tile to a tile_out tile) over overlapping tiles of x and blend the seams.
     Tiles start every tile_in·(1 − overlap) pixels; each output tile keeps tile_out·(1 − overlap) pixels after
     its top/left overlap has been cross-faded with the tiles above/left (diffusers' tiled_encode/decode scheme,
@@ -243,7 +244,7 @@ class AutoencoderKL(nn.Module):
         x = x.to(self.dtype)
         tile, tile_latent = self.tile_size, self.tile_size // self.config.downscale
         if self.tiling and max(x.shape[-2:]) > tile:
-            moments = _tiled(self._moments, x, tile, tile_latent)
+            moments = apply_tiled(self._moments, x, tile, tile_latent)
         else:
             moments = self._moments(x)
         return DiagonalGaussian(moments.float())
@@ -261,7 +262,7 @@ class AutoencoderKL(nn.Module):
         z = z.to(dtype)
         tile, tile_latent = self.tile_size, self.tile_size // self.config.downscale
         if self.tiling and max(z.shape[-2:]) > tile_latent:
-            return _tiled(self._image, z, tile_latent, tile)
+            return apply_tiled(self._image, z, tile_latent, tile)
         return self._image(z)
 
     def forward(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
