@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class Record:
     path: Path
     captions: list[str]
     size: tuple[int, int] = (0, 0)   # (width, height), filled in by check_images
+    meta: dict = field(default_factory=dict)   # the metadata row (jsonl/csv), for data.repeats rules
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -64,14 +65,14 @@ def _read_caption(path: Path) -> str:
         raise DataError(f"caption file {path} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from None
 
 
-def _record(root: Path, file_name, captions, where: str) -> Record:
+def _record(root: Path, file_name, captions, where: str, meta: dict) -> Record:
     if not isinstance(file_name, str) or not file_name:
         raise DataError(f"{where}: missing 'file_name'")
     if isinstance(captions, str):
         captions = [captions]
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
         raise DataError(f"{where}: '{file_name}' has no caption (need 'text' or a non-empty 'captions' list)")
-    return Record(root / file_name, [c.strip() for c in captions])
+    return Record(root / file_name, [c.strip() for c in captions], meta=meta)
 
 
 def _scan_jsonl(root: Path, meta: Path) -> list[Record]:
@@ -89,7 +90,7 @@ def _scan_jsonl(root: Path, meta: Path) -> list[Record]:
             raise DataError(f"{meta}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{meta}:{n}: expected a JSON object")
-        records.append(_record(root, row.get("file_name"), row.get("captions", row.get("text")), f"{meta}:{n}"))
+        records.append(_record(root, row.get("file_name"), row.get("captions", row.get("text")), f"{meta}:{n}", row))
     return records
 
 
@@ -101,7 +102,7 @@ def _scan_csv(root: Path, meta: Path) -> list[Record]:
         raise DataError(f"{meta} is not valid UTF-8 (byte {e.start})") from None
     if rows and ("file_name" not in rows[0] or "text" not in rows[0]):
         raise DataError(f"{meta}: needs the columns 'file_name' and 'text', found {list(rows[0])}")
-    return [_record(root, r["file_name"], r["text"], f"{meta}:{n + 2}") for n, r in enumerate(rows)]
+    return [_record(root, r["file_name"], r["text"], f"{meta}:{n + 2}", r) for n, r in enumerate(rows)]
 
 
 def _scan_sidecars(root: Path) -> list[Record]:
@@ -259,12 +260,15 @@ class DataOrder:
     repeated to fill it) and shuffles the order of the batches.
     """
 
-    def __init__(self, num_items: int, global_batch: int, seed: int, bucket_of: list[int] | None = None):
-        self.n, self.batch, self.seed = num_items, global_batch, seed
-        self.bucket_of = bucket_of
+    def __init__(self, num_items: int, global_batch: int, seed: int, bucket_of: list[int] | None = None,
+                 repeats: list[int] | None = None):
+        # an item with repeats r appears r times per epoch
+        self.items = [i for i in range(num_items) for _ in range(repeats[i] if repeats else 1)]
+        self.n, self.batch, self.seed = len(self.items), global_batch, seed
+        self.bucket_of = [bucket_of[i] for i in self.items] if bucket_of is not None else None
         self._epoch_cache: tuple[int, list] | None = None
         if bucket_of is not None:
-            counts = np.bincount(np.asarray(bucket_of))
+            counts = np.bincount(np.asarray(self.bucket_of))
             self.batches_per_epoch = int(sum(max(1, c // global_batch) for c in counts if c))
 
     def _perm(self, epoch: int, n: int, tag: str = "") -> list[int]:
@@ -286,13 +290,14 @@ class DataOrder:
 
     def global_batch(self, step: int) -> list[int]:
         if self.bucket_of is not None:
-            return self._bucket_epoch(step // self.batches_per_epoch)[step % self.batches_per_epoch]
+            batch = self._bucket_epoch(step // self.batches_per_epoch)[step % self.batches_per_epoch]
+            return [self.items[k] for k in batch]
         out = []
         for pos in range(step * self.batch, (step + 1) * self.batch):
             epoch, k = divmod(pos, self.n)
             if not self._epoch_cache or self._epoch_cache[0] != epoch:
                 self._epoch_cache = (epoch, self._perm(epoch, self.n))
-            out.append(self._epoch_cache[1][k])
+            out.append(self.items[self._epoch_cache[1][k]])
         return out
 
     def shard(self, step: int, micro: int, micro_batch: int, rank: int, world: int) -> list[tuple[int, int]]:
@@ -346,17 +351,37 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-def build(cfg, *, size_multiple: int = 8) -> tuple[list[Record], list[tuple[int, int]], list[int] | None]:
-    """Scan and check ``cfg.path`` (a DataConfig); return records, per-item target size and bucket ids."""
+def repeats_for(records: list[Record], rules: dict[str, int]) -> list[int]:
+    """Per-record repeats from ``{"field=value": n}`` rules over the metadata rows (the largest match wins)."""
+    parsed = []
+    for rule, n in rules.items():
+        key, sep, value = rule.partition("=")
+        if not sep or not key or not isinstance(n, int) or n < 1:
+            raise DataError(f"data.repeats: {rule!r}: {n!r} must be 'field=value': positive integer")
+        parsed.append((key, value, n))
+    return [max([n for key, value, n in parsed if str(r.meta.get(key)) == value], default=1) for r in records]
+
+
+@dataclass
+class DataSpec:
+    records: list[Record]
+    sizes: list[tuple[int, int]]         # per record: target (w, h)
+    buckets: list[int] | None            # per record: bucket id (aspect buckets on)
+    repeats: list[int]                   # per record: draws per epoch
+
+
+def build(cfg, *, size_multiple: int = 8) -> DataSpec:
+    """Scan and check ``cfg.path`` (a DataConfig): records, target sizes, buckets and repeats."""
     if not cfg.path:
         raise DataError("no data folder given (--data DIR or data.path=DIR)")
     records = check_images(scan(cfg.path), strict=cfg.strict)
+    repeats = repeats_for(records, cfg.repeats)
     if cfg.resolution % size_multiple:
         raise DataError(f"data.resolution={cfg.resolution} must be a multiple of {size_multiple}")
     if not cfg.buckets:
-        return records, [(cfg.resolution, cfg.resolution)] * len(records), None
+        return DataSpec(records, [(cfg.resolution, cfg.resolution)] * len(records), None, repeats)
     if cfg.bucket_step % size_multiple:
         raise DataError(f"data.bucket_step={cfg.bucket_step} must be a multiple of {size_multiple}")
     buckets = make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect)
     ids = [assign_bucket(r.size, buckets) for r in records]
-    return records, [buckets[i] for i in ids], ids
+    return DataSpec(records, [buckets[i] for i in ids], ids, repeats)

@@ -143,7 +143,8 @@ class Trainer:
 
     def _make_data(self, multiple: int, vae) -> None:
         cfg = self.cfg.data
-        records, sizes, buckets = D.build(cfg, size_multiple=multiple)
+        found = D.build(cfg, size_multiple=multiple)
+        records, sizes = found.records, found.sizes
         transform = D.Transform(crop=cfg.crop, flip=cfg.flip, augment=cfg.augment, shift=cfg.augment_shift,
                                 scale=cfg.augment_scale, fill=cfg.augment_fill)
         latents = None
@@ -156,7 +157,7 @@ class Trainer:
                 progress=self.main and self.cfg.progress)
         self.dataset = D.CaptionDataset(records, sizes, transform, self.cfg.data.caption_dropout, latents)
         global_batch = self.cfg.batch_size * self.world * self.cfg.grad_accum
-        self.order = D.DataOrder(len(records), global_batch, self.cfg.seed, buckets)
+        self.order = D.DataOrder(len(records), global_batch, self.cfg.seed, found.buckets, found.repeats)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _resume(self) -> None:

@@ -1,6 +1,7 @@
 """The trainer's typed configuration: dataclasses, YAML presets and ``KEY=VALUE`` overrides.
 
-A preset (``configs/*.yaml``) holds values only. Keys are dotted paths into :class:`TrainConfig`
+A preset (``configs/*.yaml``) holds values only; an optional ``stages`` mapping holds per-stage values
+(``stages: {vae: {lr: 5e-4}, unet: {lr: 1e-3}}``) applied over the shared ones for the chosen ``stage``. Keys are dotted paths into :class:`TrainConfig`
 (``data.resolution=64``, ``lora.rank=8``); an unknown key is an error that names it and suggests the
 nearest known key. Architecture sections (``model.unet``, ``model.vae``, ``model.text_encoder``,
 ``model.schedule``) are plain mappings handed to the model configs, which validate their own keys.
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+STAGES = ("vae", "unet")
 
 
 class ConfigError(ValueError):
@@ -41,7 +45,8 @@ class DataConfig:
     cache_latents: bool = True           # encode once with the frozen VAE and keep the latents on disk
     cache_dir: str | None = None         # default: OUTPUT/cache
     strict: bool = False                 # fail on the first unreadable image instead of skipping it
-    num_workers: int = 0
+    repeats: dict[str, int] = field(default_factory=dict)  # {"kind=single": 2}: records whose metadata field
+                                                          # has that value are drawn this many times per epoch
 
 
 @dataclass
@@ -124,7 +129,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check values that types alone cannot; return self."""
         choices = {
-            "stage": ("vae", "unet"),
+            "stage": STAGES,
             "lr_schedule": ("cosine", "constant"),
             "mixed_precision": ("no", "fp16", "bf16"),
             "prediction_type": ("epsilon", "v_prediction"),
@@ -314,6 +319,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     known key), wrong types, and unreadable files.
     """
     data: dict = {}
+    where = f" in {path}" if path is not None else ""
     if path is not None:
         p = Path(path)
         try:
@@ -327,18 +333,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of keys to values")
     known = _all_keys(TrainConfig)
-    for item in overrides:
-        key, value = parse_override(item)
+    stages = data.pop("stages", None) or {}
+    pairs = [parse_override(item) for item in overrides]
+    pairs += [(k, v) for k, v in (values or {}).items() if v is not None]
+    stage = next((v for k, v in reversed(pairs) if k == "stage"), data.get("stage", TrainConfig.stage))
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        raise ConfigError(f"'stages' must map stage names to mappings of keys{where}")
+    try:
+        for name, section in stages.items():   # check every section, not only the one used now
+            if name not in STAGES:
+                raise ConfigError(f"unknown stage '{name}' under 'stages' (stages: {', '.join(STAGES)})")
+            from_dict(TrainConfig, _merge(data, section), f"stages.{name}.", known=known)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+    data = _merge(data, stages.get(stage, {}))
+    for key, value in pairs:
         _set_nested(data, key, value, known)
-    for key, value in (values or {}).items():
-        if value is not None:
-            _set_nested(data, key, value, known)
-    where = f" in {path}" if path is not None else ""
     try:
         cfg = from_dict(TrainConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{e}{where}") from None
     return cfg.validate()
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Nested dict merge: ``update`` wins, sub-mappings merge key by key (except architecture mappings,
+    which ``update`` replaces whole, so a stage can state its own U-Net)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("unet", "vae", "text_encoder"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -183,3 +183,31 @@ def test_config_overrides_types_and_suggestions(tmp_path):
     with pytest.raises(ConfigError, match="stage='gan'"):
         load_config(None, ["stage=gan"])
     assert np.isclose(load_config(None, ["adam_betas=[0.9, 0.99]"]).adam_betas[1], 0.99)
+
+
+def test_repeats_rules_and_weighted_order(tmp_path):
+    rows = [{"file_name": f"{i}.png", "text": "x", "kind": "single" if i < 2 else "pair"} for i in range(4)]
+    for i in range(4):
+        _png(tmp_path / f"{i}.png")
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    recs = D.scan(tmp_path)
+    assert D.repeats_for(recs, {"kind=single": 3}) == [3, 3, 1, 1]
+    with pytest.raises(D.DataError, match="data.repeats"):
+        D.repeats_for(recs, {"kind": 2})
+    order = D.DataOrder(4, 8, seed=0, repeats=[3, 3, 1, 1])
+    epoch = order.global_batch(0)
+    assert sorted(epoch) == [0, 0, 0, 1, 1, 1, 2, 3]
+
+
+def test_stage_sections_in_presets(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 1e-3\nbatch_size: 4\nstages:\n  vae:\n    lr: 5e-4\n    data: {augment: true}\n"
+                      "  unet:\n    max_steps: 9\n")
+    assert load_config(preset, ["stage=vae"]).lr == 5e-4
+    vae = load_config(preset, ["stage=vae", "lr=1e-5"])
+    assert vae.lr == 1e-5 and vae.data.augment and vae.batch_size == 4
+    unet = load_config(preset)
+    assert unet.lr == 1e-3 and unet.max_steps == 9 and not unet.data.augment
+    preset.write_text("stages:\n  vae:\n    ema_dcay: 0.9\n")
+    with pytest.raises(ConfigError, match=r"stages.vae.ema_dcay.*ema_decay"):
+        load_config(preset)
