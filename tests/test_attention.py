@@ -125,3 +125,30 @@ def test_vae_spatial_attention_matches_diffusers():
     x = torch.randn(2, 32, 5, 7, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert rel_err(ours(x), theirs(x)) < 1e-5
+
+
+def test_cross_attention_kv_cache_is_exact():
+    """Without autograd the context's K/V are reused across calls; a changed context (even in place) or
+    changed weights must give what a fresh computation gives."""
+    torch.manual_seed(5)
+    attn = Attention(32, 24, heads=4, head_dim=8).eval()
+    x, context = torch.randn(2, 20, 32), torch.randn(2, 7, 24)
+
+    def fresh(context):
+        Attention.cache_kv = False
+        try:
+            return attn(x, context)
+        finally:
+            Attention.cache_kv = True
+
+    with torch.no_grad():
+        first = attn(x, context)
+        assert torch.equal(attn(x, context.clone()), first)
+        context.mul_(2.0)
+        assert torch.equal(attn(x, context), fresh(context))
+        attn.to_v.weight.mul_(0.5)
+        assert torch.equal(attn(x, context), fresh(context))
+        assert not torch.equal(attn(x, context), first)
+    grad_context = context.clone().requires_grad_(True)
+    attn(x, grad_context).sum().backward()  # with autograd the cache is bypassed and gradients flow
+    assert grad_context.grad is not None and grad_context.grad.abs().sum() > 0

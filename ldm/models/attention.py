@@ -118,16 +118,36 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
 
+    fuse_qkv = True
+    cache_kv = True
+
     def project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """Q, K, V projections. Self-attention runs one GEMM against the concatenated [W_q; W_k; W_v]
         (the concatenation costs a copy of the weights, far less than re-reading x three times)."""
-        if context is None:
+        if context is None and self.fuse_qkv:
             layers = (self.to_q, self.to_k, self.to_v)
             weight = torch.cat([layer.weight for layer in layers])
             bias = None if self.to_q.bias is None else torch.cat([layer.bias for layer in layers])
             return F.linear(x, weight, bias).chunk(3, dim=-1)
-        src = x if context is None else context
-        return self.to_q(x), self.to_k(src), self.to_v(src)
+        if context is None:
+            return self.to_q(x), self.to_k(x), self.to_v(x)
+        return (self.to_q(x), *self.context_kv(context))
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the cross-attention context. The text context is the same at every sampling step, so
+        without autograd the last result is kept and reused while the context's values and the weights
+        (identity and in-place version) are unchanged: exactly the tensors a fresh projection would give."""
+        if torch.is_grad_enabled() or not self.cache_kv:
+            return self.to_k(context), self.to_v(context)
+        weights = [(p.data_ptr(), p._version) for p in (self.to_k.weight, self.to_v.weight)]
+        cached = self.__dict__.get("_kv_cache")
+        if cached is not None and cached[0] == weights and cached[1].shape == context.shape \
+                and cached[1].dtype == context.dtype and cached[1].device == context.device \
+                and torch.equal(cached[1], context):
+            return cached[2], cached[3]
+        k, v = self.to_k(context), self.to_v(context)
+        self.__dict__["_kv_cache"] = (weights, context.clone(), k, v)
+        return k, v
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.project(x, context)
@@ -144,7 +164,9 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)  # without autograd, reuse GELU's output buffer
 
 
 class FeedForward(nn.Module):
@@ -175,9 +197,10 @@ class BasicTransformerBlock(Checkpointed):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        # Each sublayer's output is a fresh tensor no backward formula needs, so the residual is added in place.
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class Transformer2D(nn.Module):
@@ -217,7 +240,7 @@ class Transformer2D(nn.Module):
         tokens = tokens_in(self.norm(x), self.proj_in.weight, self.proj_in.bias)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return tokens_out(tokens, self.proj_out.weight, self.proj_out.bias, x.shape[-2:]).add_(x)
+        return tokens_out(tokens, self.proj_out.weight, self.proj_out.bias, x).add_(x)
 
 
 class SpatialSelfAttention(Attention):

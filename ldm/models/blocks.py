@@ -78,13 +78,15 @@ class ResnetBlock(Checkpointed):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def _forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        # In-place updates only where autograd does not need the overwritten value: conv outputs always,
+        # activations only without autograd (SiLU's backward needs its input).
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = shortcut + h
-        return out if self.output_scale == 1.0 else out / self.output_scale
+            h += self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        h += x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h if self.output_scale == 1.0 else h / self.output_scale
 
 
 class Downsample(nn.Module):

@@ -55,14 +55,21 @@ class Conv2d(nn.Conv2d):
 
 def tokens_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(B, C, H, W) map -> (B, H·W, C_out) tokens through a 1×1 projection (conv weight (C_out, C, 1, 1) or
-    linear weight (C_out, C)): tokens = x^T W^T + b."""
+    linear weight (C_out, C)): tokens = x^T W^T + b. A channels-last map already is the (B, H·W, C) matrix."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return F.linear(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1]), weight.flatten(1), bias)
     out = torch.matmul(x.flatten(2).transpose(1, 2), weight.flatten(1).t())
     return out if bias is None else out + bias
 
 
-def tokens_out(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, size) -> torch.Tensor:
-    """(B, H·W, C_in) tokens -> (B, C_out, H, W) map (contiguous) through a 1×1 projection: W tokens^T + b."""
+def tokens_out(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor
+               ) -> torch.Tensor:
+    """(B, H·W, C_in) tokens -> (B, C_out, H, W) map through a 1×1 projection, in the memory format of the
+    map `like` (channels-last: tokens W^T + b viewed as NHWC; otherwise W tokens^T + b, contiguous)."""
+    b, _, h, w = like.shape
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return F.linear(tokens, weight.flatten(1), bias).view(b, h, w, -1).permute(0, 3, 1, 2)
     out = torch.matmul(weight.flatten(1), tokens.transpose(1, 2))
     if bias is not None:
         out = out + bias[:, None]
-    return out.view(tokens.shape[0], -1, *size)
+    return out.view(b, -1, h, w)

@@ -256,7 +256,7 @@ class UNet(nn.Module):
             # Upsample to the next skip's size, so inputs whose sides are not multiples of 2^levels still work.
             size = skips[-1].shape[-2:] if block.upsamplers is not None else None
             h = block(h, mine, emb, context, size)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled()))
 
     def set_attention_backend(self, name: str = "sdpa", slice_size: int | None = None) -> None:
         """"sdpa" (default), "xformers" (needs the extra), or "sliced" (slice_size (batch·head) pairs at a time;
