@@ -152,3 +152,26 @@ def test_cross_attention_kv_cache_is_exact():
     grad_context = context.clone().requires_grad_(True)
     attn(x, grad_context).sum().backward()  # with autograd the cache is bypassed and gradients flow
     assert grad_context.grad is not None and grad_context.grad.abs().sum() > 0
+
+
+def test_kv_cache_follows_parametrized_weights():
+    """A parametrized projection (LoRA works this way) computes its weight on every read; its scale may
+    change between calls without any parameter changing, so its K/V must not come from the cache."""
+    from torch.nn.utils import parametrize
+
+    class Scaled(torch.nn.Module):
+        factor = 1.0
+
+        def forward(self, w):
+            return w * self.factor
+
+    torch.manual_seed(6)
+    attn = Attention(32, 24, heads=4, head_dim=8).eval()
+    scaled = Scaled()
+    parametrize.register_parametrization(attn.to_v, "weight", scaled)
+    x, context = torch.randn(2, 20, 32), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        before = attn(x, context)
+        scaled.factor = 2.0
+        after = attn(x, context)
+    assert not torch.allclose(before, after)

@@ -22,6 +22,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ldm.models.checkpointing import Checkpointed
 from ldm.models.conv import tokens_in, tokens_out
@@ -93,6 +94,11 @@ def attention(
     return out.transpose(1, 2).flatten(2).to(dtype)
 
 
+def _computed(layer: nn.Module) -> bool:
+    """True when a layer's output is not a function of its parameters alone (parametrized weight, hooks)."""
+    return parametrize.is_parametrized(layer) or bool(layer._forward_hooks or layer._forward_pre_hooks)
+
+
 class Attention(nn.Module):
     """Multi-head self- (context_dim None) or cross-attention over token sequences (B, N, query_dim)."""
 
@@ -135,18 +141,20 @@ class Attention(nn.Module):
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of the cross-attention context. The text context is the same at every sampling step, so
-        without autograd the last result is kept and reused while the context's values and the weights
-        (identity and in-place version) are unchanged: exactly the tensors a fresh projection would give."""
-        if torch.is_grad_enabled() or not self.cache_kv:
+        without autograd the last result is kept and reused while the context's values and the projections'
+        parameters (identity, storage, in-place version) are unchanged: exactly what a fresh projection gives.
+        Layers whose weight is computed (a parametrization such as LoRA) or hooked are never cached."""
+        layers = (self.to_k, self.to_v)
+        if torch.is_grad_enabled() or not self.cache_kv or any(_computed(layer) for layer in layers):
             return self.to_k(context), self.to_v(context)
-        weights = [(p.data_ptr(), p._version) for p in (self.to_k.weight, self.to_v.weight)]
+        params = [(id(p), p.data_ptr(), p._version) for layer in layers for p in layer.parameters()]
         cached = self.__dict__.get("_kv_cache")
-        if cached is not None and cached[0] == weights and cached[1].shape == context.shape \
+        if cached is not None and cached[0] == params and cached[1].shape == context.shape \
                 and cached[1].dtype == context.dtype and cached[1].device == context.device \
                 and torch.equal(cached[1], context):
             return cached[2], cached[3]
         k, v = self.to_k(context), self.to_v(context)
-        self.__dict__["_kv_cache"] = (weights, context.clone(), k, v)
+        self.__dict__["_kv_cache"] = (params, context.clone(), k, v)
         return k, v
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

@@ -123,7 +123,34 @@ def _apply_attention(attn: nn.Module, h: torch.Tensor, context: torch.Tensor | N
     return attn(h) if context is None else attn(h, context)
 
 
-class DownStage(nn.Module):
+class _Stage(nn.Module):
+    """Resnets (one per entry of in_channels, all to out_channels), each optionally followed by attention."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        out_channels: int,
+        temb_channels: int | None,
+        attention: AttentionFactory | None,
+        **resnet_options,
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(c, out_channels, temb_channels, **resnet_options) for c in in_channels
+        )
+        if attention is not None:
+            self.attentions = nn.ModuleList(attention(out_channels) for _ in in_channels)
+        else:
+            self.attentions = None
+
+    def layer(self, i: int, h: torch.Tensor, temb: torch.Tensor | None, context: torch.Tensor | None):
+        h = self.resnets[i](h, temb)
+        if self.attentions is None:
+            return h
+        return _apply_attention(self.attentions[i], h, context)
+
+
+class DownStage(_Stage):
     """One resolution level of an encoder path: `layers` resnets (each optionally followed by attention),
     then an optional stride-2 downsample. Returns the output and the skip tensors (one per resnet, plus the
     downsampled map), which the U-Net's up path consumes in reverse.
@@ -132,29 +159,14 @@ class DownStage(nn.Module):
     downsample padding 0, the VAE's DownEncoderBlock2D."""
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int | None,
-        layers: int,
-        *,
+        self, in_channels: int, out_channels: int, temb_channels: int | None, layers: int, *,
         attention: AttentionFactory | None = None,
         downsample: bool = True,
         downsample_padding: int = 1,
-        groups: int = 32,
-        eps: float = 1e-6,
-        dropout: float = 0.0,
+        **resnet_options,
     ):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, temb_channels,
-                        groups=groups, eps=eps, dropout=dropout)
-            for i in range(layers)
-        )
-        if attention is not None:
-            self.attentions = nn.ModuleList(attention(out_channels) for _ in range(layers))
-        else:
-            self.attentions = None
+        inputs = [in_channels] + [out_channels] * (layers - 1)
+        super().__init__(inputs, out_channels, temb_channels, attention, **resnet_options)
         if downsample:
             self.downsamplers = nn.ModuleList([Downsample(out_channels, downsample_padding)])
         else:
@@ -164,10 +176,8 @@ class DownStage(nn.Module):
         self, h: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb)
-            if self.attentions is not None:
-                h = _apply_attention(self.attentions[i], h, context)
+        for i in range(len(self.resnets)):
+            h = self.layer(i, h, temb, context)
             skips.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)
@@ -175,7 +185,7 @@ class DownStage(nn.Module):
         return h, skips
 
 
-class UpStage(nn.Module):
+class UpStage(_Stage):
     """One resolution level of a decoder path: `layers` resnets (each optionally followed by attention), then
     an optional 2x upsample.
 
@@ -185,32 +195,17 @@ class UpStage(nn.Module):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int | None,
-        layers: int,
-        *,
+        self, in_channels: int, out_channels: int, temb_channels: int | None, layers: int, *,
         skip_channels: Sequence[int] | None = None,
         attention: AttentionFactory | None = None,
         upsample: bool = True,
-        groups: int = 32,
-        eps: float = 1e-6,
-        dropout: float = 0.0,
+        **resnet_options,
     ):
-        super().__init__()
         skips = list(skip_channels) if skip_channels is not None else [0] * layers
         if len(skips) != layers:
             raise ValueError(f"UpStage needs one skip channel count per layer ({layers}), got {len(skips)}")
-        self.resnets = nn.ModuleList(
-            ResnetBlock((in_channels if i == 0 else out_channels) + skips[i], out_channels, temb_channels,
-                        groups=groups, eps=eps, dropout=dropout)
-            for i in range(layers)
-        )
-        if attention is not None:
-            self.attentions = nn.ModuleList(attention(out_channels) for _ in range(layers))
-        else:
-            self.attentions = None
+        inputs = [(in_channels if i == 0 else out_channels) + skips[i] for i in range(layers)]
+        super().__init__(inputs, out_channels, temb_channels, attention, **resnet_options)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def forward(
@@ -221,12 +216,10 @@ class UpStage(nn.Module):
         context: torch.Tensor | None = None,
         size: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
+        for i in range(len(self.resnets)):
             if skips is not None:
                 h = torch.cat([h, skips[-1 - i]], dim=1)
-            h = resnet(h, temb)
-            if self.attentions is not None:
-                h = _apply_attention(self.attentions[i], h, context)
+            h = self.layer(i, h, temb, context)
         if self.upsamplers is not None:
             h = self.upsamplers[0](h, size)
         return h
