@@ -20,6 +20,8 @@ from ldm.models.attention import (
     check_backend,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # many small ops: threads cost more than they save
+
 
 def reference_attention(q, k, v, heads):
     """softmax(Q K^T / sqrt(d)) V per head, in float64."""

@@ -13,6 +13,8 @@ from model_parity import rel_err, share_weights
 
 from ldm.models import UNet, UNetConfig
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # many small ops: threads cost more than they save
+
 TOL = 1e-4
 
 

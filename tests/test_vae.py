@@ -13,6 +13,8 @@ from model_parity import rel_err, share_weights
 from ldm.models import AutoencoderKL, DiagonalGaussian, VAEConfig
 from ldm.models.vae import apply_tiled
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # many small ops: threads cost more than they save
+
 TOL = 1e-4
 TINY = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
 
