@@ -229,13 +229,16 @@ class Trainer:
                    disable=not (self.main and cfg.progress), dynamic_ncols=True)
         global_batch = cfg.batch_size * self.world * cfg.grad_accum
         t_start, t_last, last_step = time.time(), time.time(), self.start
+        running = torch.zeros((), device=self.device)
         for step in range(self.start, cfg.max_steps):
             self.model.train()
-            loss = self.train_step(step)
+            running += self.train_step(step)
             done = step + 1
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.max_steps:
-                mean = self.acc.reduce(loss, "mean").item()
+                # the mean loss over the steps since the last log line, over all processes
+                mean = self.acc.reduce(running, "mean").item() / (done - last_step)
+                running.zero_()
                 now = time.time()
                 speed = (done - last_step) * global_batch / max(now - t_last, 1e-9)
                 t_last, last_step = now, done
