@@ -3,10 +3,10 @@
     python scripts/example_digits.py --out docs
 
 trains on scikit-learn's 8×8 digits (no download) a class-conditional denoiser and a noisy-digit classifier,
-then writes OUT/digits_forward_reverse.png (the forward and reverse processes) and OUT/digits_samples.png
-(samples per class: real, unconditional, classifier-free guidance, classifier guidance), and prints the judge's
-accuracy table in Markdown.  docs/how-diffusion-works.md explains every step; the library code is in
-ldm/examples/digits.py and ldm/examples/digits_eval.py.
+then writes OUT/digits_forward_reverse.png (the forward and reverse processes), OUT/digits_denoising.png (the
+sample and the network's guess of the clean digit, step by step) and OUT/digits_samples.png (samples per class:
+real, unconditional, classifier-free guidance, classifier guidance), and prints the judge's accuracy table in
+Markdown.  docs/how-diffusion-works.md explains every step; the library code is in ldm/examples/.
 """
 
 from __future__ import annotations
@@ -16,16 +16,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from ldm.examples.digits import DigitsConfig, threads
-from ldm.examples.digits_eval import (DEFAULT_SETTINGS, SampleConfig, Setting, evaluate, forward_reverse,
-                                      markdown_table, requested_classes, samples_figure, train_all)
+from ldm.examples.digits_eval import (DEFAULT_SETTINGS, SampleConfig, Setting, evaluate, markdown_table,
+                                      requested_classes, train_all)
+from ldm.examples.digits_figures import denoising_figure, forward_reverse, samples_figure
 from ldm.samplers import SAMPLERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     defaults, sampling = DigitsConfig(), SampleConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("docs"), help="folder for the two PNGs (default: docs)")
+    p.add_argument("--out", type=Path, default=Path("docs"), help="folder for the three PNGs (default: docs)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--denoiser-steps", type=int, default=defaults.denoiser_steps, help="training batches")
     p.add_argument("--classifier-steps", type=int, default=defaults.classifier_steps, help="training batches")
@@ -61,16 +64,22 @@ def main(argv=None) -> int:
             results[name] = evaluate(models, DEFAULT_SETTINGS, args.per_class, sampling, args.seed)
             sample_seconds[name] = time.perf_counter() - start
         first = SampleConfig(args.samplers[0], args.steps)
-        forward_reverse(models, sampling=first, seed=args.seed).save(args.out / "digits_forward_reverse.png")
-        samples_figure(_panels(models, results[first.sampler], args.per_class), models.judge).save(
-            args.out / "digits_samples.png")
+        figures = {"digits_forward_reverse.png": forward_reverse(models, sampling=first, seed=args.seed),
+                   "digits_denoising.png": denoising_figure(models, sampling=first, seed=args.seed),
+                   "digits_samples.png": samples_figure(_panels(models, results[first.sampler], args.per_class),
+                                                        models.judge)}
+        for name, image in figures.items():
+            image.save(args.out / name)
     print(markdown_table(models, results))
+    unguided = next(r for r in results[args.samplers[0]] if r.setting == Setting("unconditional"))
+    verdicts = torch.bincount(models.judge.predict(unguided.samples), minlength=10).tolist()
+    print(f"\nthe judge's verdicts on the unconditional digits ({args.samplers[0]}), digit 0..9: {verdicts}")
     training = ", ".join(f"{name} {models.seconds[name]:.0f} s (CPU {models.cpu_seconds[name]:.0f} s)"
                          for name in models.seconds)
     sampling_time = ", ".join(f"{name} {s:.0f} s" for name, s in sample_seconds.items())
     print(f"\ntraining: {training}\nsampling {len(DEFAULT_SETTINGS)} × {10 * args.per_class} digits, "
           f"{args.steps} steps: {sampling_time}; threads: {args.threads}")
-    print(f"wrote {args.out / 'digits_forward_reverse.png'} and {args.out / 'digits_samples.png'}")
+    print("wrote " + ", ".join(str(args.out / name) for name in figures))
     return 0
 
 

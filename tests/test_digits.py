@@ -99,11 +99,12 @@ def script():
 
 def test_script_end_to_end(script, tmp_path, capsys):
     assert script.main(["--out", str(tmp_path), "--denoiser-steps", "20", "--classifier-steps", "10",
-                        "--per-class", "2", "--steps", "3", "-q"]) == 0
+                        "--per-class", "2", "--steps", "3", "--samplers", "dpmpp_2m", "euler", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "real held-out digits" in out and out.count("| generated,") == 6
-    assert (tmp_path / "digits_forward_reverse.png").stat().st_size > 0
-    assert (tmp_path / "digits_samples.png").stat().st_size > 0
+    assert "| digits judged | `dpmpp_2m` | `euler` |" in out and "real held-out digits" in out
+    assert out.count("| generated (20), ") == 6
+    for name in ("digits_forward_reverse.png", "digits_denoising.png", "digits_samples.png"):
+        assert (tmp_path / name).stat().st_size > 0
 
 
 def test_script_rejects_bad_values(script, capsys):

@@ -1,4 +1,4 @@
-"""Sampling and measuring the digits example: guided denoisers, the judge's accuracy table, and the figures.
+"""Sampling and measuring the digits example: guided denoisers and the judge's accuracy table.
 
 A *setting* names how a batch of digits is generated for requested classes y:
   * "unconditional": the denoiser's NULL_CLASS branch alone — it does not know y, so the judge agrees with the
@@ -16,8 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from ldm.denoiser import Denoiser
@@ -27,7 +25,6 @@ from ldm.guidance import classifier, classifier_free, conditioned
 from ldm.rng import randn
 from ldm.samplers import get_sampler
 from ldm.schedules import NoiseSchedule
-from ldm.visualize import forward_reverse_figure
 
 GUIDANCE_KINDS = ("unconditional", "cfg", "classifier")
 
@@ -109,13 +106,14 @@ def guided(models: DigitModels, setting: Setting, y: Tensor) -> Callable[[Tensor
 
 
 def generate(denoiser: Callable, n: int, schedule: NoiseSchedule, sampling: SampleConfig = SampleConfig(),
-             seed: int = 0) -> Tensor:
-    """n digits (n, 1, 8, 8) in [-1, 1]: noise x = σ_max·n, integrated to σ = 0 by the chosen sampler."""
+             seed: int = 0, callback: Callable[[dict], None] | None = None) -> Tensor:
+    """n digits (n, 1, 8, 8) in [-1, 1]: noise x = σ_max·n, integrated to σ = 0 by the chosen sampler
+    (`callback` as the samplers take it: once per step, with the sample and its x0 estimate)."""
     sigmas = schedule.sigmas_for(sampling.steps, sampling.spacing)
     g = torch.Generator().manual_seed(seed)
     x = randn((n, 1, SIZE, SIZE), g) * float(sigmas[0])
     with torch.no_grad():
-        x = get_sampler(sampling.sampler)(denoiser, x, sigmas, generator=g)
+        x = get_sampler(sampling.sampler)(denoiser, x, sigmas, generator=g, callback=callback)
     return x.clamp(-1.0, 1.0)
 
 
@@ -163,53 +161,3 @@ def markdown_table(models: DigitModels, results: dict[str, Sequence[Result]]) ->
     for (setting, n), cells in rows.items():
         lines.append(f"| generated ({n}), {setting.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def forward_reverse(models: DigitModels, digit: int = 3, scale: float = 3.0, sampling: SampleConfig = SampleConfig(),
-                    seed: int = 0, steps: int = 100, cell: int = 80) -> Image.Image:
-    """The classic figure (``ldm.visualize.forward_reverse_figure``): a held-out `digit` (the one the judge is
-    surest of) noised forward at several t, and the reverse process from pure noise to a new digit of the same
-    class (classifier-free guidance at `scale`), shown at the same t."""
-    if digit not in range(CLASSES):
-        raise ValueError(f"digit must be in 0..{CLASSES - 1}, got {digit!r}")
-    candidates = torch.nonzero(models.data.test_y == digit).flatten()
-    confidence = models.judge.model.predict_proba(models.data.test_x[candidates].flatten(1).numpy())[:, digit]
-    best = int(candidates[int(confidence.argmax())])
-    x0, label = models.data.test_x[best:best + 1], models.data.test_y[best:best + 1]
-    return forward_reverse_figure(models.schedule, guided(models, Setting("cfg", scale), label), x0,
-                                  decode=_framed, sampler=sampling.sampler, steps=steps, seed=seed, cell=cell)
-
-
-def _framed(x: Tensor) -> Tensor:
-    """The figure's "decoder": a one-pixel light margin around each 8×8 digit, so neighbouring cells stay apart."""
-    return F.pad(x, (1, 1, 1, 1), value=0.8)
-
-
-def _cell(image: Tensor, cell: int) -> Image.Image:
-    pixels = ((image[0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-    return Image.fromarray(pixels, "L").convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
-
-
-def samples_figure(panels: Sequence[tuple[str, Tensor, Tensor]], judge: Judge, columns: int = 8,
-                   cell: int = 24) -> Image.Image:
-    """Panels side by side; panel = (title, images (10·k, 1, 8, 8) grouped by class as requested_classes(k),
-    the requested/true labels).  Row r is digit r; a green frame means the judge names the row's digit, red not."""
-    font = ImageFont.load_default()
-    pad, frame, top, left = 12, 2, 20, 14
-    box = cell + 2 * frame
-    panel_w = columns * box
-    sheet = Image.new("RGB", (left + len(panels) * (panel_w + pad), top + CLASSES * box), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r in range(CLASSES):
-        draw.text((2, top + r * box + box // 2 - 6), str(r), fill="black", font=font)
-    for p, (title, images, labels) in enumerate(panels):
-        x_off = left + p * (panel_w + pad)
-        draw.text((x_off, 4), title, fill="black", font=font)
-        verdict = judge.predict(images) == labels
-        for digit in range(CLASSES):
-            rows = torch.nonzero(labels == digit).flatten()[:columns]
-            for c, i in enumerate(rows.tolist()):
-                x, y = x_off + c * box, top + digit * box
-                draw.rectangle((x, y, x + box - 1, y + box - 1), fill=(40, 160, 60) if verdict[i] else (210, 40, 40))
-                sheet.paste(_cell(images[i], cell), (x + frame, y + frame))
-    return sheet
