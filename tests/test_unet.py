@@ -203,3 +203,20 @@ def test_full_size_sd15_matches_diffusers():
         ref = theirs(x, torch.tensor([421.0]), context).sample
         out = ours(x, torch.tensor([421.0]), context)
     assert rel_err(out, ref) < TOL
+
+
+def test_channels_last_input_and_plain_convolutions_agree():
+    """The fast paths (prepacked convolutions, channels-last token views) change nothing but speed."""
+    from ldm.models.conv import Conv2d
+
+    config = CONFIGS["sd2"]
+    ours, _ = build_pair(config)
+    x, t, context = inputs(config)
+    with torch.no_grad():
+        ref = ours(x, t, context)
+        assert rel_err(ours(x.contiguous(memory_format=torch.channels_last), t, context), ref) < 1e-5
+        Conv2d.prepack = False
+        try:
+            assert rel_err(ours(x, t, context), ref) < 1e-5
+        finally:
+            Conv2d.prepack = True

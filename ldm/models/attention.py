@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ldm.models.checkpointing import Checkpointed
-from ldm.models.conv import tokens_in, tokens_out
+from ldm.models.conv import map_to_tokens, tokens_in, tokens_out, tokens_to_map
 
 BACKENDS = ("sdpa", "xformers", "sliced")
 
@@ -261,6 +261,5 @@ class SpatialSelfAttention(Attention):
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)
-        return super().forward(tokens).transpose(1, 2).reshape(b, c, h, w) + x
+        tokens = map_to_tokens(self.group_norm(x))
+        return tokens_to_map(super().forward(tokens), x) + x

@@ -75,7 +75,7 @@ class ResnetBlock(Checkpointed):
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def _forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         # In-place updates only where autograd does not need the overwritten value: conv outputs always,

@@ -1,14 +1,17 @@
-"""Convolutions written as the matrix products they are, where that is faster on the CPU.
+"""Fast CPU paths for the convolutions and 1×1 projections of the U-Net and VAE (same parameters, same
+state-dict keys, results equal to float rounding).
 
-A k×k convolution is a GEMM between the (C_out, C_in·k²) weight matrix and the (C_in·k², H·W) matrix of
-image patches ("im2col"; Chellapilla et al. 2006). oneDNN, which runs nn.Conv2d on the CPU, first converts
-the weights to its blocked layout on every call; for the 1280-channel 3×3 kernels of SD's bottom levels that
-is ~60 MB of traffic per call for a few dozen output pixels, more than the arithmetic. There an explicit
-im2col + GEMM is 1.2-2.5x faster (measured on SD shapes, fp32, 1-2 threads). The parameters are nn.Conv2d's,
-so state dicts are unchanged; results agree to float rounding.
+`Conv2d`: nn.Conv2d on the CPU hands each call to oneDNN, which first converts the weights to its blocked
+layout, every call. For SD's 3×3 kernels on small maps that conversion costs as much as the convolution
+(1280 channels: ~60 MB of traffic per call). Without autograd, on float32 CPU tensors, Conv2d converts the
+weights once, keeps them, and calls oneDNN's convolution on the converted copy (the op torch.compile's CPU
+backend uses). Measured on fp32, 1 thread: 1.2-2.3x faster per convolution on the default model's and SD's
+shapes. It keeps a second copy of the kernels in memory (about a third of SD 1.5's U-Net); set
+`Conv2d.prepack = False` to trade the speed back. The output has the input's memory format, as with
+nn.Conv2d. With autograd, or when oneDNN is unavailable, it is plain nn.Conv2d.
 
-`tokens_in` / `tokens_out` are the 1×1 projections between a (B, C, H, W) map and (B, H·W, C) tokens, written
-as one batched GEMM each so that neither direction needs a permuted copy of the map.
+`tokens_in` / `tokens_out`: the 1×1 projections between a (B, C, H, W) map and (B, H·W, C) tokens, each one
+batched GEMM, so that neither direction needs a permuted copy of the map.
 """
 
 from __future__ import annotations
@@ -16,48 +19,76 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-# im2col pays off when the kernel is big (≥ 2^23 weights: C_in·C_out·9 for 1280 channels is 14.7M, for 640
-# channels 3.7M) and the output small (≤ 512 positions over the batch: 2 × 16 × 16).
-GEMM_MIN_WEIGHTS = 1 << 23
-GEMM_MAX_POSITIONS = 512
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Strictly channels-last (a tensor that is both, e.g. 1×1 maps, counts as plain contiguous)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state-dict keys) that switches to im2col + GEMM for large kernels on
-    small CPU feature maps."""
+    """nn.Conv2d that, for inference on the CPU in float32, runs on weights converted once to oneDNN's layout."""
 
-    def _use_gemm(self, x: torch.Tensor) -> bool:
-        if x.device.type != "cpu" or self.groups != 1 or x.dim() != 4 or not x.is_contiguous():
-            return False
-        if self.weight.numel() < GEMM_MIN_WEIGHTS or self.padding_mode != "zeros":
-            return False
-        h, w = self.output_size(x)
-        return x.shape[0] * h * w <= GEMM_MAX_POSITIONS
+    prepack = True
 
-    def output_size(self, x: torch.Tensor) -> tuple[int, int]:
-        return tuple(
-            (x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
-            // self.stride[i] + 1
-            for i in range(2)
-        )
+    def _packed_weight(self, x: torch.Tensor):
+        """oneDNN-layout copy of the weight, made on first use and remade when the weight changes (new storage
+        or an in-place update); None when this layer or this build cannot use it."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        cached = self.__dict__.get("_packed")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(x.shape))
+        except (RuntimeError, AttributeError):
+            packed = None
+        self.__dict__["_packed"] = (key, packed)
+        return packed
+
+    def _fast_path_applies(self, x: torch.Tensor) -> bool:
+        return (self.prepack and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
+                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+                and torch.backends.mkldnn.is_available() and not parametrize.is_parametrized(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._use_gemm(x):
-            return super().forward(x)
-        h, w = self.output_size(x)
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, C_in·k², h·w)
-        out = torch.matmul(self.weight.flatten(1), cols)  # (B, C_out, h·w)
-        if self.bias is not None:
-            out = out + self.bias[:, None]
-        return out.view(x.shape[0], self.out_channels, h, w)
+        if self._fast_path_applies(x):
+            packed = self._packed_weight(x)
+            if packed is not None:
+                out = torch.ops.mkldnn._convolution_pointwise(
+                    x, packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                    "none", [], "")
+                # oneDNN answers channels-last; give back the input's layout, as nn.Conv2d does (GroupNorm, the
+                # next op, is several times slower on channels-last CPU tensors).
+                return out.contiguous(memory_format=torch.channels_last if _channels_last(x) else
+                                      torch.contiguous_format)
+        return super().forward(x)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H·W, C) without a projection: a view of a channels-last map, else a strided view."""
+    if _channels_last(x):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+    return x.flatten(2).transpose(1, 2)
+
+
+def tokens_to_map(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, H·W, C) -> (B, C, H, W) in the memory format of `like`."""
+    b, c, h, w = like.shape
+    if _channels_last(like):
+        return tokens.view(b, h, w, c).permute(0, 3, 1, 2)
+    return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
 def tokens_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(B, C, H, W) map -> (B, H·W, C_out) tokens through a 1×1 projection (conv weight (C_out, C, 1, 1) or
     linear weight (C_out, C)): tokens = x^T W^T + b. A channels-last map already is the (B, H·W, C) matrix."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return F.linear(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1]), weight.flatten(1), bias)
+    if _channels_last(x):
+        return F.linear(map_to_tokens(x), weight.flatten(1), bias)
     out = torch.matmul(x.flatten(2).transpose(1, 2), weight.flatten(1).t())
     return out if bias is None else out + bias
 
@@ -67,8 +98,8 @@ def tokens_out(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """(B, H·W, C_in) tokens -> (B, C_out, H, W) map through a 1×1 projection, in the memory format of the
     map `like` (channels-last: tokens W^T + b viewed as NHWC; otherwise W tokens^T + b, contiguous)."""
     b, _, h, w = like.shape
-    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
-        return F.linear(tokens, weight.flatten(1), bias).view(b, h, w, -1).permute(0, 3, 1, 2)
+    if _channels_last(like):
+        return tokens_to_map(F.linear(tokens, weight.flatten(1), bias), like)
     out = torch.matmul(weight.flatten(1), tokens.transpose(1, 2))
     if bias is not None:
         out = out + bias[:, None]

@@ -22,6 +22,7 @@ from torch import nn
 from ldm.models.attention import Attention, Transformer2D, check_backend
 from ldm.models.blocks import DownStage, MidStage, TimestepEmbedding, UpStage, timestep_embedding
 from ldm.models.checkpointing import set_gradient_checkpointing
+from ldm.models.conv import Conv2d
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -198,7 +199,7 @@ class UNet(nn.Module):
                                      upcast=cfg.upcast_attention, dropout=cfg.dropout)
             return build
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
 
         self.down_blocks = nn.ModuleList()
@@ -226,7 +227,7 @@ class UNet(nn.Module):
             prev = out
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[0], cfg.out_channels, 3, padding=1)
 
     @property
     def dtype(self) -> torch.dtype:

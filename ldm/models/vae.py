@@ -24,6 +24,7 @@ from torch import nn
 from ldm.models.attention import SpatialSelfAttention
 from ldm.models.blocks import DownStage, MidStage, UpStage
 from ldm.models.checkpointing import set_gradient_checkpointing
+from ldm.models.conv import Conv2d
 
 DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour (diffusers' tile_overlap_factor)
@@ -125,7 +126,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch = cfg.block_out_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownStage(ch[max(i - 1, 0)], c, None, cfg.layers_per_block, downsample=i < len(ch) - 1,
                       downsample_padding=0, groups=cfg.norm_num_groups)
@@ -133,7 +134,7 @@ class Encoder(nn.Module):
         )
         self.mid_block = MidStage(ch[-1], None, attention=_mid_attention(cfg), groups=cfg.norm_num_groups)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -149,7 +150,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         rev = tuple(reversed(cfg.block_out_channels))
-        self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
         self.mid_block = MidStage(rev[0], None, attention=_mid_attention(cfg), groups=cfg.norm_num_groups)
         self.up_blocks = nn.ModuleList(
             UpStage(rev[max(i - 1, 0)], c, None, cfg.layers_per_block + 1, upsample=i < len(rev) - 1,
@@ -157,7 +158,7 @@ class Decoder(nn.Module):
             for i, c in enumerate(rev)
         )
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, rev[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid_block(self.conv_in(z))
@@ -210,8 +211,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         c = cfg.latent_channels
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
         self.tiling = False
         self.tile_size = cfg.sample_size
 
