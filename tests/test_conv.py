@@ -73,3 +73,19 @@ def test_token_projections(layout):
     assert back.is_contiguous(memory_format=layout)
     torch.testing.assert_close(tokens_to_map(map_to_tokens(x), x), x)
     torch.testing.assert_close(map_to_tokens(x), x.flatten(2).transpose(1, 2))
+
+
+def test_copy_and_pickle_after_inference():
+    """The packed weights are opaque oneDNN tensors; deepcopy (EMA) and torch.save must still work."""
+    import copy
+    import io
+
+    conv = Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        expected = conv(x)
+    clone = copy.deepcopy(conv)
+    buffer = io.BytesIO()
+    torch.save(conv, buffer)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), expected)

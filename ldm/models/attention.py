@@ -127,6 +127,11 @@ class Attention(nn.Module):
     fuse_qkv = True
     cache_kv = True
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_kv_cache", None)  # a cache, not state: copies and pickles start without it
+        return state
+
     def project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """Q, K, V projections. Self-attention runs one GEMM against the concatenated [W_q; W_k; W_v]
         (the concatenation costs a copy of the weights, far less than re-reading x three times)."""
