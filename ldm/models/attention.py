@@ -55,8 +55,8 @@ def _sliced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_size: int, 
     out = torch.empty_like(q)
     for start in range(0, b * h, slice_size):
         part = slice(start, start + slice_size)
-        scores = torch.bmm(q[part] * scale, k[part].transpose(1, 2))
-        weights = scores.float().softmax(dim=-1) if upcast else scores.softmax(dim=-1)
+        qp, kp = (q[part].float(), k[part].float()) if upcast else (q[part], k[part])
+        weights = torch.bmm(qp * scale, kp.transpose(1, 2)).softmax(dim=-1)
         out[part] = torch.bmm(weights.to(v.dtype), v[part])
     return out.view(b, h, n, d)
 

@@ -193,10 +193,11 @@ class UNet(nn.Module):
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
 
         def spatial_transformer(level: int):
+            # No dropout inside the transformers: diffusers applies the config's dropout to the resnets only.
             def build(c: int) -> Transformer2D:
                 return Transformer2D(c, heads[level], c // heads[level], context_dims[level], depth=depths[level],
                                      groups=cfg.norm_num_groups, linear=cfg.use_linear_projection,
-                                     upcast=cfg.upcast_attention, dropout=cfg.dropout)
+                                     upcast=cfg.upcast_attention)
             return build
 
         self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
