@@ -40,9 +40,11 @@ class Conv2d(nn.Conv2d):
 
     def _packed_weight(self, x: torch.Tensor):
         """oneDNN-layout copy of the weight, made on first use and remade when the weight changes (new storage
-        or an in-place update); None when this layer or this build cannot use it."""
+        or an in-place update) or the input shape does; None when this layer or this build cannot use it.
+        oneDNN chooses the blocked layout for the input shape it is given, and the layout decides the order of
+        the sums: keying on the shape keeps an output independent of which shapes the layer saw before."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
+        key = (w.data_ptr(), w._version, w.dtype, tuple(x.shape))
         cached = self.__dict__.get("_packed")
         if cached is not None and cached[0] == key:
             return cached[1]
