@@ -112,7 +112,7 @@ class TrainConfig:
     ema_decay: float = 0.0               # 0 = no EMA
     ema_warmup: bool = True              # decay ramps as (1 + n) / (10 + n) up to ema_decay
     train_text_encoder: bool = True
-    prediction_type: str = "epsilon"     # "epsilon" | "v_prediction"
+    prediction_type: str | None = None   # "epsilon" | "v_prediction"; None: the init model's, else epsilon
     snr_gamma: float | None = None       # min-SNR-γ loss weighting (Hang et al. 2023); None = off
     offset_noise: float = 0.0            # Guttenberg 2023; 0.05-0.1 typical
     checkpoint_every: int = 500
@@ -132,13 +132,13 @@ class TrainConfig:
             "stage": STAGES,
             "lr_schedule": ("cosine", "constant"),
             "mixed_precision": ("no", "fp16", "bf16"),
-            "prediction_type": ("epsilon", "v_prediction"),
+            "prediction_type": (None, "epsilon", "v_prediction"),
             "data.crop": ("center", "random"),
         }
         for key, allowed in choices.items():
             value = get_key(self, key)
             if value not in allowed:
-                raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
         positive = ("max_steps", "batch_size", "grad_accum", "data.resolution", "data.augment_variants")
         for key in positive:
             if get_key(self, key) < 1:

@@ -48,13 +48,18 @@ def unet_config(cfg: TrainConfig, vae: VAEConfig, text: TextEncoderConfig) -> UN
                  cross_attention_dim=text.hidden_size)
 
 
-def schedule_config(cfg: TrainConfig) -> ScheduleConfig:
+def schedule_config(cfg: TrainConfig, base: ScheduleConfig | None = None) -> ScheduleConfig:
+    """The training noise schedule: ``base`` (an init model's) or the defaults, updated by ``model.schedule``
+    and ``prediction_type``."""
     known = [f.name for f in dataclasses.fields(ScheduleConfig)]
     for key in cfg.model.schedule:
         if key not in known:
             raise ConfigError(f"unknown config key 'model.schedule.{key}'{suggest(key, known)}")
+    values = {**(base.to_dict() if base is not None else {}), **cfg.model.schedule}
+    if cfg.prediction_type is not None:
+        values["prediction_type"] = cfg.prediction_type
     try:
-        return ScheduleConfig.from_dict({**cfg.model.schedule, "prediction_type": cfg.prediction_type})
+        return ScheduleConfig.from_dict(values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.schedule: {e}") from None
 
@@ -102,9 +107,8 @@ def build_components(cfg: TrainConfig) -> Components:
         path = model_path(cfg.init)
         if not path.exists():
             raise ConfigError(f"init={cfg.init}: no such model file or folder ({path})")
-        components = load(path, prediction_type=cfg.prediction_type if cfg.model.schedule else None)
-        if cfg.model.schedule:
-            components.schedule = schedule_config(cfg)
+        components = load(path)
+        components.schedule = schedule_config(cfg, components.schedule)
         return components
     if cfg.vae_from is None:
         raise ConfigError("stage=unet from scratch needs vae_from=PATH (a VAE trained by a stage=vae run) "

@@ -12,7 +12,7 @@ batch (``ldm.data``), so the result does not depend on how a global batch is spl
 
 from __future__ import annotations
 
-import copy
+import contextlib
 from pathlib import Path
 
 import torch
@@ -173,25 +173,30 @@ class UNetStage:
         ids = self.components.text_encoder.tokenize(batch["caption"]).to(device)
         pred = model(x_t, t, ids)
         ab = self.alphas_cumprod.to(device)[t]
-        return losses.diffusion_loss(pred.float(), z.float(), noise.float(), ab, self.cfg.prediction_type,
-                                     self.cfg.snr_gamma)
+        prediction = self.schedule.config.prediction_type   # the model's own, so a fine-tune keeps it
+        return losses.diffusion_loss(pred.float(), z.float(), noise.float(), ab, prediction, self.cfg.snr_gamma)
 
+    @contextlib.contextmanager
     def _pipeline(self, module: DiffusionModel):
+        """A Pipeline over the live networks (no copies); their requires_grad flags come back afterwards."""
         from .pipeline import Pipeline
 
+        flags = [(p, p.requires_grad) for p in module.parameters()]
         c = self.components
-        parts = copy.deepcopy({"unet": module.unet, "text_encoder": module.text_encoder, "vae": self.vae})
-        comps = Components(parts["unet"], parts["vae"], parts["text_encoder"], c.schedule, c.info,
-                           {k: v for k, v in vars(self.cfg.defaults).items()})
-        return Pipeline(comps, device=next(module.parameters()).device)
+        comps = Components(module.unet, self.vae, module.text_encoder, c.schedule, c.info, vars(self.cfg.defaults))
+        try:
+            yield Pipeline(comps, device=next(module.parameters()).device)
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     @torch.no_grad()
     def validate(self, module: DiffusionModel, dataset, path: Path) -> None:
         prompts = self.cfg.validation.prompts or sorted({r.captions[0] for r in dataset.records})[:8]
-        pipe = self._pipeline(module)
         d = self.cfg.defaults
-        images = pipe(prompts, steps=d.steps, guidance=d.guidance, sampler=d.sampler, height=d.height,
-                      width=d.width, seed=self.cfg.validation.seed, progress=False)
+        with self._pipeline(module) as pipe:
+            images = pipe(prompts, steps=d.steps, guidance=d.guidance, sampler=d.sampler, height=d.height,
+                          width=d.width, seed=self.cfg.validation.seed, progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         grid(images, min(8, len(images))).save(path)
 
