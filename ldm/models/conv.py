@@ -5,13 +5,15 @@ state-dict keys, results equal to float rounding).
 layout, every call. For SD's 3×3 kernels on small maps that conversion costs as much as the convolution
 (1280 channels: ~60 MB of traffic per call). Without autograd, on float32 CPU tensors, Conv2d converts the
 weights once, keeps them, and calls oneDNN's convolution on the converted copy (the op torch.compile's CPU
-backend uses). Measured on fp32, 1 thread: 1.2-2.3x faster per convolution on the default model's and SD's
-shapes. It keeps a second copy of the kernels in memory (2/3 of SD 1.5's U-Net: +2.3 GB in fp32); set
-`Conv2d.prepack = False` to trade the speed back. The output has the input's memory format, as with
-nn.Conv2d. With autograd, or when oneDNN is unavailable, it is plain nn.Conv2d.
+backend uses). Measured on fp32, 1 thread: 1.1-2.3x faster per convolution on maps of at most 1024 output
+positions (batch x height x width), slower on bigger ones, where the conversion is cheap next to the
+arithmetic: there plain nn.Conv2d keeps the call (PACK_MAX_POSITIONS). A layer keeps its packed copy once it
+has run on a small map: up to 2/3 of SD 1.5's U-Net again (+2.3 GB in fp32); set `Conv2d.prepack = False`
+to trade the speed back. The output has the input's memory format, as with nn.Conv2d. With autograd, or when
+oneDNN is unavailable, it is plain nn.Conv2d.
 
-`tokens_in` / `tokens_out`: the 1×1 projections between a (B, C, H, W) map and (B, H·W, C) tokens, each one
-batched GEMM, so that neither direction needs a permuted copy of the map.
+`tokens_in` / `tokens_out`: the 1×1 projections between a (B, C, H, W) map and (B, H·W, C) tokens as GEMMs
+(conv and linear projections alike); back to the map, W·tokens^T lands in NCHW order with no permuted copy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+PACK_MAX_POSITIONS = 1024
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -57,10 +61,16 @@ class Conv2d(nn.Conv2d):
         self.__dict__["_packed"] = (key, packed)
         return packed
 
+    def _output_positions(self, x: torch.Tensor) -> int:
+        h, w = ((x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
+                // self.stride[i] + 1 for i in range(2))
+        return x.shape[0] * h * w
+
     def _fast_path_applies(self, x: torch.Tensor) -> bool:
         return (self.prepack and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
                 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+                and self._output_positions(x) <= PACK_MAX_POSITIONS
                 and torch.backends.mkldnn.is_available() and not parametrize.is_parametrized(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +88,9 @@ class Conv2d(nn.Conv2d):
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H·W, C) without a projection: a view of a channels-last map, else a strided view."""
-    if _channels_last(x):
-        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
-    return x.flatten(2).transpose(1, 2)
+    """(B, C, H, W) -> (B, H·W, C), contiguous (a free view of a channels-last map; otherwise a copy, which
+    the linear layers that follow would make anyway, and slower, on a strided input)."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
 def tokens_to_map(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -94,11 +103,8 @@ def tokens_to_map(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def tokens_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(B, C, H, W) map -> (B, H·W, C_out) tokens through a 1×1 projection (conv weight (C_out, C, 1, 1) or
-    linear weight (C_out, C)): tokens = x^T W^T + b. A channels-last map already is the (B, H·W, C) matrix."""
-    if _channels_last(x):
-        return F.linear(map_to_tokens(x), weight.flatten(1), bias)
-    out = torch.matmul(x.flatten(2).transpose(1, 2), weight.flatten(1).t())
-    return out if bias is None else out + bias
+    linear weight (C_out, C)): tokens = x^T W^T + b."""
+    return F.linear(map_to_tokens(x), weight.flatten(1), bias)
 
 
 def tokens_out(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor
