@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from .data import Record, Transform, derive_seed, generator
 
+BATCH_IMAGES = 32   # pixel images per VAE call while filling the cache
+
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
     """Hash of the VAE's weights (and config, when it has one)."""
@@ -49,18 +51,21 @@ class LatentCache:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     @torch.no_grad()
-    def _encode(self, record: Record, size: tuple[int, int], key: str) -> None:
-        seed = int(key[:15], 16)
-        pixels = torch.stack([self.transform(record.path, size, generator(derive_seed(seed, v)))
-                              for v in range(self.variants)])
+    def _encode(self, items: list[tuple[Record, tuple[int, int], str]]) -> None:
+        """Encode the variants of several images (all of one size) in one batch; write one file per image."""
+        pixels = []
+        for record, size, key in items:
+            seed = int(key[:15], 16)
+            pixels += [self.transform(record.path, size, generator(derive_seed(seed, v))) for v in range(self.variants)]
         param = next(self.vae.parameters())
-        dist = self.vae.encode(pixels.to(param.device, param.dtype))
-        tensors = {"mean": dist.mean.float().cpu().contiguous(), "logvar": dist.logvar.float().cpu().contiguous()}
-        target = self._file(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, target)   # atomic: a reader sees the whole entry or none
+        dist = self.vae.encode(torch.stack(pixels).to(param.device, param.dtype))
+        means, logvars = dist.mean.float().cpu().split(self.variants), dist.logvar.float().cpu().split(self.variants)
+        for (_, _, key), mean, logvar in zip(items, means, logvars):
+            target = self._file(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".tmp{os.getpid()}")
+            save_file({"mean": mean.contiguous(), "logvar": logvar.contiguous()}, str(tmp))
+            os.replace(tmp, target)   # atomic: a reader sees the whole entry or none
 
     def prepare(self, records: list[Record], sizes: list[tuple[int, int]], *, rank: int = 0, world: int = 1,
                 barrier=None, progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -69,8 +74,18 @@ class LatentCache:
         todo = [i for i in range(rank, len(records), world) if not self._file(keys[i]).is_file()]
         if todo:
             from tqdm.auto import tqdm
-            for i in tqdm(todo, desc="caching latents", disable=not progress):
-                self._encode(records[i], sizes[i], keys[i])
+            todo.sort(key=lambda i: sizes[i])           # batches of one size
+            per_batch = max(1, BATCH_IMAGES // self.variants)
+            with tqdm(total=len(todo), desc="caching latents", disable=not progress) as bar:
+                start = 0
+                while start < len(todo):
+                    chunk = [todo[start]]
+                    while len(chunk) < per_batch and start + len(chunk) < len(todo) \
+                            and sizes[todo[start + len(chunk)]] == sizes[chunk[0]]:
+                        chunk.append(todo[start + len(chunk)])
+                    self._encode([(records[i], sizes[i], keys[i]) for i in chunk])
+                    bar.update(len(chunk))
+                    start += len(chunk)
         if barrier is not None:
             barrier()
         out = []

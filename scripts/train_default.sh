@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # Reproduce ldm's shipped default model end to end: the emoji dataset, the VAE, then text encoder + U-Net.
-# Resumable: run the same command again after an interruption and every step continues from its newest
+# Resumable: run the same command again after an interruption and each stage continues from its newest
 # checkpoint (a finished stage is not redone).
 #
-#   scripts/train_default.sh [OUT]            # default OUT: runs/default; DATA overrides the dataset folder
+#   scripts/train_default.sh [OUT [KEY=VALUE ...]]     # default OUT: runs/default
 #
-# Results: OUT/vae/model/vae (the VAE), OUT/unet/model (the full model, loads with Pipeline.from_pretrained).
+# KEY=VALUE overrides go to both stages (e.g. a smoke run: max_steps=20). Environment: DATA (dataset folder,
+# default /work/data/emoji), SKIP_PREPARE=1 (use DATA as it is).
+# Results: OUT/vae/model/vae (the VAE), OUT/unet/model (the model; loads with Pipeline.from_pretrained).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/default}
+shift || true
 DATA=${DATA:-/work/data/emoji}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-python scripts/prepare_emoji.py --out "$DATA" --quiet
+if [ "${SKIP_PREPARE:-0}" != 1 ]; then
+  python scripts/prepare_emoji.py --out "$DATA" --quiet
+fi
 if [ ! -f "$OUT/vae/model/vae/config.json" ]; then
-  python -m ldm.train --config configs/default.yaml --data "$DATA" --output "$OUT/vae" --resume stage=vae
+  python -m ldm.train --config configs/default.yaml --data "$DATA" --output "$OUT/vae" --resume stage=vae "$@"
 fi
 if [ ! -f "$OUT/unet/model/model_index.json" ]; then
   python -m ldm.train --config configs/default.yaml --data "$DATA" --output "$OUT/unet" --resume stage=unet \
-    vae_from="$OUT/vae/model"
+    vae_from="$OUT/vae/model" "$@"
 fi
 echo "default model: $OUT/unet/model"
