@@ -41,6 +41,8 @@ def grid(images: list, columns: int):
         sheet.paste(im, ((i % columns) * w, (i // columns) * h))
     return sheet
 
+CONTEXT_CACHE = 20_000   # captions whose frozen-text-encoder context is kept in memory
+
 
 class Reconstruction(nn.Module):
     """x, n -> (decode(mean + std·n), KL per image): the VAE's training forward, one module for DDP."""
@@ -110,11 +112,11 @@ class DiffusionModel(nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.train_text = unet, text_encoder, train_text
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.train_text:
-            context = self.text_encoder.encode(ids)
-        else:
-            with torch.no_grad():
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict from token ids, or from a ready context (a frozen text encoder's, cached)."""
+        if context is None:
+            with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
                 context = self.text_encoder.encode(ids)
         return self.unet(x_t, t, context)
 
@@ -131,6 +133,7 @@ class UNetStage:
         self.lora = cfg.lora.rank > 0
         train_text = cfg.train_text_encoder or (self.lora and cfg.lora.text_encoder)
         self.module = DiffusionModel(unet, text, train_text)
+        self.contexts: dict[str, torch.Tensor] = {}
         unet.train()
         text.train(train_text)
         if self.lora:
@@ -143,6 +146,21 @@ class UNetStage:
             text.requires_grad_(cfg.train_text_encoder)
             self.unet_params = list(unet.parameters())
             self.text_params = list(text.parameters()) if cfg.train_text_encoder else []
+
+    @torch.no_grad()
+    def frozen_context(self, captions: list[str], device) -> torch.Tensor:
+        """Contexts of a frozen text encoder, kept in memory per caption (up to CONTEXT_CACHE entries). Each
+        caption is encoded on its own, so a context never depends on which captions shared its batch."""
+        text = self.components.text_encoder
+        rows = []
+        for caption in captions:
+            ctx = self.contexts.get(caption)
+            if ctx is None:
+                ctx = text.encode(text.tokenize([caption]).to(device))[0]
+                if len(self.contexts) < CONTEXT_CACHE:
+                    self.contexts[caption] = ctx
+            rows.append(ctx)
+        return torch.stack(rows)
 
     def param_groups(self) -> list[dict]:
         groups = [{"params": self.unet_params, "lr": self.cfg.lr}]
@@ -170,8 +188,10 @@ class UNetStage:
         t = torch.stack([torch.randint(T, (), generator=g) for g in gens]).to(device)
         noise = losses.offset_noise(z.shape, self.cfg.offset_noise, generator=gens, device=device)
         x_t = self.schedule.q_sample(z, t, noise)
-        ids = self.components.text_encoder.tokenize(batch["caption"]).to(device)
-        pred = model(x_t, t, ids)
+        if self.module.train_text:
+            pred = model(x_t, t, ids=self.components.text_encoder.tokenize(batch["caption"]).to(device))
+        else:
+            pred = model(x_t, t, context=self.frozen_context(batch["caption"], device))
         ab = self.alphas_cumprod.to(device)[t]
         prediction = self.schedule.config.prediction_type   # the model's own, so a fine-tune keeps it
         return losses.diffusion_loss(pred.float(), z.float(), noise.float(), ab, prediction, self.cfg.snr_gamma)

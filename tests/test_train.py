@@ -155,3 +155,14 @@ def test_existing_checkpoints_need_resume(shapes, tmp_path):
     _train(unet_overrides(data, vae, tmp_path / "r", max_steps=2))
     with pytest.raises(ValueError, match="--resume"):
         Trainer(load_config(None, unet_overrides(data, vae, tmp_path / "r", max_steps=4)))
+
+
+def test_frozen_text_encoder_is_cached_and_unchanged(shapes, tmp_path):
+    data, vae = shapes
+    trainer = Trainer(load_config(None, unet_overrides(data, vae, tmp_path / "f", max_steps=3,
+                                                       train_text_encoder=False)))
+    before = {k: v.clone() for k, v in trainer.module.text_encoder.weights().items()}
+    trainer.fit()
+    after = trainer.module.text_encoder.weights()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(trainer.stage.contexts) == sorted(["red circle", "blue square", "green circle", "yellow square"])
