@@ -1,0 +1,102 @@
+"""Shared pieces of the ldm-vs-diffusers benchmarks (scripts/bench_pipeline.py, scripts/bench_train.py).
+
+Both libraries are measured on the *same* random weights: the architecture is built with diffusers /
+transformers classes (random init, seeded), saved once as a diffusers folder in a temporary directory, and each
+library loads that folder. Every measurement runs in its own subprocess so that peak RSS (ru_maxrss, which can
+only grow) belongs to one library and one setting.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a photograph of an astronaut riding a horse"
+
+# SD 1.5's architecture (runwayml/stable-diffusion-v1-5 unet/vae/text_encoder config.json values).
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=32)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=[128, 256, 512, 512], norm_num_groups=32,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+# SD 1.x's training schedule (scheduler_config.json of SD 1.5).
+SD15_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                     timestep_spacing="leading", prediction_type="epsilon")
+
+
+def default_configs() -> tuple[dict, dict, dict, dict]:
+    """(unet, vae, text, schedule) of the shipped default model, from configs/default.yaml's model section."""
+    cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    m, res = cfg["model"], cfg["data"]["resolution"]
+    vae = dict(m["vae"], in_channels=3, out_channels=3, sample_size=res,
+               down_block_types=["DownEncoderBlock2D"] * len(m["vae"]["block_out_channels"]),
+               up_block_types=["UpDecoderBlock2D"] * len(m["vae"]["block_out_channels"]))
+    downscale = 2 ** (len(vae["block_out_channels"]) - 1)
+    text = {k: v for k, v in m["text_encoder"].items() if v is not None}
+    text.update(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+    text.setdefault("projection_dim", text["hidden_size"])
+    unet = dict(m["unet"], sample_size=res // downscale, in_channels=4, out_channels=4,
+                cross_attention_dim=text["hidden_size"])
+    schedule = dict(beta_start=0.00085, beta_end=0.012, **m["schedule"], prediction_type=cfg["prediction_type"])
+    return unet, vae, text, schedule
+
+
+def configs(model: str) -> tuple[dict, dict, dict, dict]:
+    if model == "sd15":
+        return SD15_UNET, SD15_VAE, SD15_TEXT, SD15_SCHEDULE
+    if model == "default":
+        return default_configs()
+    raise ValueError(f"unknown model {model!r} (sd15 or default)")
+
+
+def make_folder(model: str, folder: Path, seed: int = 0) -> Path:
+    """Build ``model`` with random (seeded) weights in diffusers/transformers classes; save it as a folder."""
+    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ldm.tokenizer import TOKENIZER_DIR
+
+    unet_cfg, vae_cfg, text_cfg, schedule = configs(model)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae_cfg), text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token="<|endoftext|>",
+                                                model_max_length=77),
+        unet=UNet2DConditionModel(**unet_cfg), scheduler=DPMSolverMultistepScheduler(**schedule),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(script: Path, args: list[str]) -> dict:
+    """Run ``script --child ARGS`` in a fresh interpreter; it prints one JSON line last."""
+    proc = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
