@@ -138,8 +138,9 @@ def write_vae(vae: AutoencoderKL, folder: Path) -> Path:
     """``folder/vae/`` in the diffusers layout; stage "unet" reads it back through ``vae_from``."""
     from .checkpoint_io import write_json, write_safetensors
 
-    write_json(folder / "vae" / "config.json", {"_class_name": "AutoencoderKL", **vae.config.to_dict()})
+    # weights first: a folder with config.json is whole (each file is itself written atomically)
     write_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors", vae.state_dict())
+    write_json(folder / "vae" / "config.json", {"_class_name": "AutoencoderKL", **vae.config.to_dict()})
     return folder / "vae"
 
 
