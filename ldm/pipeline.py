@@ -216,13 +216,15 @@ class Pipeline(Applications):
         index = torch.tensor([unique.index(p) for p in prompts], device=table.device)
         return table[index].to(self.device, self.dtype)
 
-    def denoiser(self):
-        """D(x, σ, context, ...) -> x0 around the U-Net (the 9-channel one concatenates its extra inputs)."""
+    def denoiser(self, blocks: int = 1):
+        """D(x, σ, context, ...) -> x0 around the U-Net (the 9-channel one concatenates its extra inputs).
+        ``blocks``: how many stacked copies of the image batch one call carries (2 under classifier-free
+        guidance, [uncond; cond]); in batch-invariant mode an image's rows from every block run together."""
         from .denoiser import Denoiser
 
         network = _InpaintingInput(self._network) if self.is_inpainting_model else self._network
         if self.batch_invariant:
-            network = _RowByRow(network)
+            network = _PerImage(network, blocks)
         return Denoiser(network, self.schedule, dtype=self.dtype)
 
     def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
@@ -234,7 +236,7 @@ class Pipeline(Applications):
         if req.guidance == 1.0:
             return conditioned(self.denoiser(), **cond)
         uncond = {"context": self.encode_prompts(req.negatives, req.clip_skip), **extra}
-        return classifier_free(self.denoiser(), cond, uncond, req.guidance, req.guidance_rescale)
+        return classifier_free(self.denoiser(blocks=2), cond, uncond, req.guidance, req.guidance_rescale)
 
     def sample(self, denoiser, x, sigmas, req: Request, generators, callback=None, progress=True) -> torch.Tensor:
         """Run the sampler from x at sigmas[0]; returns the VP sample (x / sqrt(1 + σ_last²) if σ_last > 0)."""
@@ -363,17 +365,24 @@ class _InpaintingInput(torch.nn.Module):
         return self.network(torch.cat([x, mask.to(x.dtype), masked_latents.to(x.dtype)], dim=1), t, context)
 
 
-class _RowByRow(torch.nn.Module):
-    """network(x, t, **cond) evaluated on one batch row at a time and concatenated (see batch_invariant)."""
+class _PerImage(torch.nn.Module):
+    """network(x, t, **cond) evaluated one image at a time (see batch_invariant). The batch stacks `blocks`
+    copies of B images (under CFG: [uncond; cond]); image i's rows i, B + i, ... form one call, so every call
+    has the same size and contents whatever else is in the batch, and CFG still pairs its two branches."""
 
-    def __init__(self, network):
+    def __init__(self, network, blocks: int = 1):
         super().__init__()
-        self.network = network
+        self.network, self.blocks = network, blocks
 
     def forward(self, x, t, **cond):
-        rows = [self.network(x[i:i + 1], t[i:i + 1], **{k: v[i:i + 1] for k, v in cond.items()})
-                for i in range(x.shape[0])]
-        return torch.cat(rows)
+        n = x.shape[0] // self.blocks
+        if n * self.blocks != x.shape[0]:
+            raise ValueError(f"batch of {x.shape[0]} rows is not {self.blocks} blocks of equal size")
+        if n == 1:
+            return self.network(x, t, **cond)
+        outs = [self.network(x[i::n], t[i::n], **{k: v[i::n] for k, v in cond.items()}) for i in range(n)]
+        # outs[i] holds image i's rows, one per block; put row j of image i back at j·n + i.
+        return torch.stack(outs, dim=1).flatten(0, 1)
 
 
 def _load_default():

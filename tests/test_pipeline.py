@@ -254,3 +254,21 @@ def test_load_lora_delegates_to_ldm_lora(pipe, monkeypatch, tmp_path):
     monkeypatch.setattr(ldm.lora, "load_lora", lambda *args: calls.append(args) or "handle")
     assert pipe.load_lora(tmp_path / "style.safetensors", 0.5) == "handle"
     assert calls == [(pipe, tmp_path / "style.safetensors", 0.5)]
+
+
+def test_per_image_calls_keep_an_images_guidance_branches_together():
+    from ldm.pipeline import _PerImage
+
+    calls = []
+
+    def network(x, t, context):
+        calls.append(x[:, 0, 0, 0].tolist())
+        return x * 2 + t[:, None, None, None] + context.sum()
+
+    x = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 2, 1, 1).contiguous()   # [uncond 0..2; cond 0..2]
+    t, context = torch.arange(6.0), torch.ones(6, 3)
+    out = _PerImage(network, blocks=2)(x, t, context=context)
+    torch.testing.assert_close(out, x * 2 + t[:, None, None, None] + 2 * 3)   # rows back in their places
+    assert calls == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]                     # image i: its uncond and cond rows
+    with pytest.raises(ValueError, match="blocks"):
+        _PerImage(network, blocks=4)(x, t, context=context)
