@@ -26,7 +26,7 @@ ANIMALS = ["a turtle", "a cat", "a dog face", "an elephant", "a penguin", "a fro
 FOODS = ["a red apple", "a pizza", "a hamburger", "a banana", "a birthday cake", "a watermelon", "a doughnut",
          "a carrot", "a strawberry", "a taco"]
 OBJECTS = ["a rocket", "a light bulb", "an umbrella", "a guitar", "a basketball", "an alarm clock", "a key",
-           "a camera", "a bicycle", "a crown"]
+           "a camera", "a bicycle", "a crown", "a teapot"]
 COMPOSITIONS = ["a turtle and a basketball", "a cat and a pizza", "a penguin and a guitar", "a frog and a red apple",
                 "a rocket and a crown", "a penguin playing the guitar", "a turtle playing basketball"]
 DEFAULT_PROMPTS = ANIMALS + FOODS + OBJECTS + COMPOSITIONS
@@ -116,13 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", type=Path, required=True, help="model folder (or file) Pipeline.from_pretrained loads")
     p.add_argument("--out", type=Path, default=Path("docs/default_contact_sheet.png"), help="PNG to write")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one image per seed for every prompt")
-    p.add_argument("--prompts", type=Path, default=None, help="prompts file (default: the built-in list)")
+    p.add_argument("--prompts", type=Path, default=None, help="prompts file; none: the built-in list")
     p.add_argument("--cols", type=int, default=5, help="prompts per row")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    p.add_argument("--sampler", default=None, help="sampler (default: the model's, else dpmpp_2m)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps; none: the model's own")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale; none: the model's own")
+    p.add_argument("--sampler", default=None, help="sampler name; none: the model's own, else dpmpp_2m")
     p.add_argument("--batch", type=int, default=32, help="images per pipeline call")
-    p.add_argument("--device", default=None, help="torch device (default: CPU)")
+    p.add_argument("--device", default=None, help="torch device; none: the CPU")
     a = p.parse_args(argv)
     try:
         from ldm import Pipeline

@@ -395,10 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=JudgeConfig.steps, help="training steps")
     p.add_argument("--width", type=int, default=JudgeConfig.width, help="channels of the first stage")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--styles", nargs="+", default=None, help="train on these styles only (default: all)")
+    p.add_argument("--styles", nargs="+", default=None, help="train on these styles only; none: all")
     p.add_argument("--validate", action="store_true", help="also measure held-out views and cross-style accuracy "
                                                           "(trains two more judges, one per style)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads; none: torch's choice")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

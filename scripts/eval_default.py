@@ -192,16 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="article: 'a turtle'; name: 'turtle'; emoji: 'a turtle emoji'")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.0],
                    help="classifier-free guidance scales to sweep")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--sampler", default=None, help="sampler name (default: the model's, else dpmpp_2m)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps; none: the model's own")
+    p.add_argument("--sampler", default=None, help="sampler name; none: the model's own, else dpmpp_2m")
     p.add_argument("--batch", type=int, default=32, help="prompts per pipeline call")
     p.add_argument("--seed", type=int, default=0, help="seeds the concept choice, the noise and the untrained model")
     p.add_argument("--judge", type=Path, default=Path("runs/emoji_judge.safetensors"),
                    help="judge file (scripts/emoji_judge.py): reused if made from --data, else trained and saved")
     p.add_argument("--skip-judge-validation", action="store_true",
                    help="do not train the two cross-style judges that measure the judge's validity")
-    p.add_argument("--device", default=None, help="torch device (default: CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="torch device; none: the CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch threads; none: torch's choice")
     p.add_argument("--out", type=Path, default=Path("docs/eval_default.json"), help="JSON results file")
     return p
 
