@@ -7,7 +7,9 @@
 #
 # KEY=VALUE overrides go to both stages (e.g. a smoke run: max_steps=20). Environment: DATA (dataset folder,
 # default /work/data/emoji), SKIP_PREPARE=1 (use DATA as it is).
-# Results: OUT/vae/model/vae (the VAE), OUT/unet/model (the model; loads with Pipeline.from_pretrained).
+# Results: OUT/vae/model/vae (the VAE), OUT/unet/model (the model; loads with Pipeline.from_pretrained),
+# OUT/default (the same model packaged for shipping by scripts/export_default.py: fp16, bundled tokenizer;
+# copy it to ldm/assets/default to make it ldm's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/default}
@@ -25,4 +27,5 @@ if [ ! -f "$OUT/unet/model/model_index.json" ]; then
   python -m ldm.train --config configs/default.yaml --data "$DATA" --output "$OUT/unet" --resume stage=unet \
     vae_from="$OUT/vae/model" "$@"
 fi
-echo "default model: $OUT/unet/model"
+python scripts/export_default.py "$OUT/unet/model" "$OUT/default" --overwrite
+echo "default model: $OUT/default"
