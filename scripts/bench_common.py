@@ -2,7 +2,7 @@
 
 Both libraries are measured on the *same* random weights: the architecture is built with diffusers /
 transformers classes (random init, seeded), saved once as a diffusers folder in a temporary directory, and each
-library loads that folder. Every measurement runs in its own subprocess so that peak RSS (ru_maxrss, which can
+library loads that folder. Every measurement runs in its own subprocess so that peak RSS (VmHWM, which can
 only grow) belongs to one library and one setting.
 """
 from __future__ import annotations
@@ -60,8 +60,11 @@ def configs(model: str) -> tuple[dict, dict, dict, dict]:
     raise ValueError(f"unknown model {model!r} (sd15 or default)")
 
 
-def make_folder(model: str, folder: Path, seed: int = 0) -> Path:
-    """Build ``model`` with random (seeded) weights in diffusers/transformers classes; save it as a folder."""
+def make_folder(model: str, folder: Path, seed: int = 0, reuse: bool = False) -> Path:
+    """Build ``model`` with random (seeded) weights in diffusers/transformers classes; save it as a folder.
+    With ``reuse``, a folder already complete (model_index.json is written last) is taken as it is."""
+    if reuse and (Path(folder) / "model_index.json").is_file():
+        return Path(folder)
     from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -81,8 +84,15 @@ def make_folder(model: str, folder: Path, seed: int = 0) -> Path:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size in MB: VmHWM of /proc/self/status on Linux. Not ru_maxrss: Linux
+    carries it over exec from the address space it replaces, so a child started by a parent that once held
+    the whole model (building the weights folder) would report the parent's peak, not its own."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
 def run_child(script: Path, args: list[str]) -> dict:

@@ -2,12 +2,17 @@
 
     PYTHONPATH=. python scripts/bench_pipeline.py --quick                 # default model 64x64 + SD 1.5 256x256
     PYTHONPATH=. python scripts/bench_pipeline.py --model sd15 --steps 10 --repeats 3 --batch 1 4 --threads 1
+    PYTHONPATH=. python scripts/bench_pipeline.py --model sd15 --steps 1 --repeats 0 --batch 1 --threads 1 \
+        --keep /tmp/bench_sd15 --settings diffusers ldm-lean ldm-plain         # peak memory only
 
 Both pipelines use DPM-Solver++ 2M (ldm: sampler="dpmpp_2m"; diffusers: DPMSolverMultistepScheduler), the same
-steps, guidance 7.5, size and batch. Each (library, setting) runs in its own subprocess: peak RSS is
-ru_maxrss of that process (weights loading included, for both libraries alike); on CUDA it is
+steps, guidance 7.5, size and batch. Each (library, setting) runs in its own subprocess: peak memory is
+the peak RSS (VmHWM) of that process (weights loading included, for both libraries alike); on CUDA it is
 torch.cuda.max_memory_allocated. Times are per image, the median over ``--repeats`` runs after one warm-up.
-ldm is measured with batch_invariant True (its CPU default: the U-Net runs one batch row at a time) and False.
+ldm is measured with batch_invariant True (its CPU default: the U-Net runs one batch row at a time) and False,
+with its U-Net and VAE lean (``ldm.models.conv.pack_for_inference``: one packed copy of each conv weight) or
+not (packed copy beside the plain weight), and with prepacking off. ``--repeats 0`` runs one generation and
+reports only the peak memory; "load MB" is the peak once the pipeline is loaded, before generating.
 """
 from __future__ import annotations
 
@@ -31,11 +36,13 @@ def child(a) -> None:
     prompts = [bc.PROMPT] * batch
     if a.lib == "ldm":
         import ldm
-        from ldm.models.conv import Conv2d
+        from ldm.models.conv import Conv2d, pack_for_inference, unpack
 
         Conv2d.prepack = bool(a.prepack)
         pipe = ldm.Pipeline.from_pretrained(a.folder, device="cuda" if cuda else "cpu")
         pipe.batch_invariant = bool(a.batch_invariant)
+        for module in (pipe.unet, pipe.vae):
+            (pack_for_inference if a.lean else unpack)(module)
 
         def generate():
             return pipe(prompts, steps=a.steps, guidance=7.5, sampler="dpmpp_2m", height=size, width=size,
@@ -54,6 +61,7 @@ def child(a) -> None:
             return pipe(prompts, num_inference_steps=a.steps, guidance_scale=7.5, height=size, width=size,
                         generator=g, output_type="np").images
 
+    load_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else bc.peak_rss_mb()
     generate()                                     # warm-up: allocator, kernel selection, prepacking
     times = []
     for _ in range(a.repeats):
@@ -65,15 +73,23 @@ def child(a) -> None:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / batch)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else bc.peak_rss_mb()
-    print(json.dumps({"s_per_image": bc.median(times), "times": times, "peak_mb": peak}))
+    print(json.dumps({"s_per_image": bc.median(times) if times else None, "times": times, "peak_mb": peak,
+                      "load_peak_mb": load_peak}))
 
 
-def settings(model: str):
-    """(label, child args) per measured setting."""
-    yield "diffusers", ["--lib", "diffusers"]
-    yield "ldm (batch_invariant=True)", ["--lib", "ldm", "--batch-invariant", "1"]
-    yield "ldm (batch_invariant=False)", ["--lib", "ldm", "--batch-invariant", "0"]
-    yield "ldm (batch_invariant=False, prepack=False)", ["--lib", "ldm", "--batch-invariant", "0", "--prepack", "0"]
+# name -> (label, child args) of every measurable setting
+SETTINGS = {
+    "diffusers": ("diffusers", ["--lib", "diffusers"]),
+    "ldm-lean": ("ldm (batch_invariant=True, lean)", ["--lib", "ldm", "--batch-invariant", "1", "--lean", "1"]),
+    "ldm-lean-batched": ("ldm (batch_invariant=False, lean)",
+                         ["--lib", "ldm", "--batch-invariant", "0", "--lean", "1"]),
+    "ldm-plain": ("ldm (batch_invariant=True, not lean)", ["--lib", "ldm", "--batch-invariant", "1", "--lean", "0"]),
+    "ldm-batched": ("ldm (batch_invariant=False, not lean)",
+                    ["--lib", "ldm", "--batch-invariant", "0", "--lean", "0"]),
+    "ldm-noprepack": ("ldm (batch_invariant=False, prepack=False)",
+                      ["--lib", "ldm", "--batch-invariant", "0", "--prepack", "0", "--lean", "0"]),
+}
+DEFAULT_SETTINGS = ["diffusers", "ldm-lean", "ldm-lean-batched", "ldm-batched", "ldm-noprepack"]
 
 
 def main() -> None:
@@ -85,11 +101,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="steps 4, repeats 1 (a rough first look)")
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
+    p.add_argument("--keep", type=Path, default=None,
+                   help="build the weights folders under this directory once and reuse them on later runs")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lib", default="ldm", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--batch-invariant", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--prepack", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--lean", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return child(a)
@@ -100,22 +120,26 @@ def main() -> None:
     sd_size = a.size or (512 if torch.cuda.is_available() else 256)
     print(f"# torch {torch.__version__}, threads {a.threads}, steps {a.steps}, repeats {a.repeats}, "
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}")
-    print("| model | size | batch | setting | s/image | images/s | ldm/diffusers images/s | peak MB | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | size | batch | setting | s/image | images/s | ldm/diffusers images/s | peak MB | load MB "
+          "| load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.model:
-            folder = bc.make_folder(model, Path(tmp) / model)
+            folder = bc.make_folder(model, (a.keep or Path(tmp)) / model, reuse=a.keep is not None)
             size = 64 if model == "default" else sd_size
             for batch in a.batch:
                 base = None
-                for label, extra in settings(model):
+                for label, extra in (SETTINGS[name] for name in a.settings):
                     common = ["--folder", str(folder), "--steps", str(a.steps), "--repeats", str(a.repeats),
                               "--size", str(size), "--batch", str(batch), "--threads", str(a.threads)]
                     r = bc.run_child(Path(__file__), extra + common)
-                    ips = 1 / r["s_per_image"]
-                    base = ips if base is None else base
-                    print(f"| {model} | {size} | {batch} | {label} | {r['s_per_image']:.3f} | {ips:.2f} | "
-                          f"{ips / base:.2f} | {r['peak_mb']:.0f} | {bc.load_average()} |", flush=True)
+                    timing = "| - | - | - "
+                    if r["s_per_image"] is not None:
+                        ips = 1 / r["s_per_image"]
+                        base = ips if base is None else base
+                        timing = f"| {r['s_per_image']:.3f} | {ips:.2f} | {ips / base:.2f} "
+                    print(f"| {model} | {size} | {batch} | {label} {timing}| {r['peak_mb']:.0f} | "
+                          f"{r['load_peak_mb']:.0f} | {bc.load_average()} |", flush=True)
 
 
 if __name__ == "__main__":

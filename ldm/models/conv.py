@@ -7,10 +7,21 @@ layout, every call. For SD's 3×3 kernels on small maps that conversion costs as
 weights once, keeps them, and calls oneDNN's convolution on the converted copy (the op torch.compile's CPU
 backend uses). Measured on fp32, 1 thread: 1.1-2.3x faster per convolution on maps of at most 1024 output
 positions (batch x height x width), slower on bigger ones, where the conversion is cheap next to the
-arithmetic: there plain nn.Conv2d keeps the call (PACK_MAX_POSITIONS). A layer keeps its packed copy once it
-has run on a small map: up to 2/3 of SD 1.5's U-Net again (+2.3 GB in fp32); set `Conv2d.prepack = False`
-to trade the speed back. The output has the input's memory format, as with nn.Conv2d. With autograd, or when
-oneDNN is unavailable, it is plain nn.Conv2d.
+arithmetic: there plain nn.Conv2d keeps the call (PACK_MAX_POSITIONS). The output has the input's memory
+format, as with nn.Conv2d. With autograd, or when oneDNN is unavailable, it is plain nn.Conv2d.
+
+Memory: by default a layer keeps its packed copy beside the plain weight once it has run on a small map: up
+to 2/3 of SD 1.5's U-Net again (+2.3 GB in fp32). `pack_for_inference(module)` makes the layers of a module
+used for inference *lean*: once a layer has packed its weight it releases the plain weight's storage, so one
+copy stays. The conversion is a pure reordering of the values, so the plain weight comes back exactly
+(checked before releasing) whenever the module hands it out: `layer.weight`, `parameters()`,
+`named_parameters()`, `state_dict()`, `load_state_dict()`, `.to()` and friends, a forward with autograd or on
+a big map, copying and pickling. Weights that are views of a mapped checkpoint file (safetensors loads them
+so) have their pages handed back to the kernel instead (`_page_out`). A new input shape repacks from a dense
+copy made on the fly (oneDNN picks its layout per shape), so one packed copy is alive per layer. The
+Parameter objects stay the same and their metadata valid, but a weight reference held across a lean forward
+and read without going through the module reads released storage (a crash): call `unpack(module)` first, or
+do not opt in (training code; EMA swaps hold such references). `Conv2d.prepack = False` turns packing off.
 
 `tokens_in` / `tokens_out`: the 1×1 projections between a (B, C, H, W) map and (B, H·W, C) tokens as GEMMs
 (conv and linear projections alike); back to the map, W·tokens^T lands in NCHW order with no permuted copy.
@@ -18,12 +29,46 @@ oneDNN is unavailable, it is plain nn.Conv2d.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
+import sys
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 PACK_MAX_POSITIONS = 1024
+MADV_PAGEOUT = 21   # linux/mman.h (Linux >= 5.4): reclaim these pages; their contents are kept
+
+
+@functools.cache
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Ask the kernel to drop the resident pages lying wholly inside `t`'s bytes. For memory torch does not own
+    (weights loaded by safetensors are views of the file, mapped privately), dropping the tensor frees nothing:
+    the pages stay resident for as long as the mapping lives. MADV_PAGEOUT only reclaims: clean file pages are
+    read back from the file on the next access, so no value can change, whoever else views these bytes."""
+    madvise = _madvise()
+    if madvise is None or t.device.type != "cpu":
+        return
+    size = mmap.PAGESIZE
+    lo = -(-t.data_ptr() // size) * size
+    hi = (t.data_ptr() + t.numel() * t.element_size()) // size * size
+    if hi > lo:
+        madvise(lo, hi - lo, MADV_PAGEOUT)   # advisory: an old kernel's EINVAL changes nothing
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -37,29 +82,81 @@ class Conv2d(nn.Conv2d):
     prepack = True
 
     def __getstate__(self):
-        # The packed copy is an opaque oneDNN tensor that cannot be copied or pickled; it is remade on use.
+        # The packed copy is an opaque oneDNN tensor that cannot be copied or pickled; it is remade on use. A
+        # lean layer's copy gets its plain weight back (and stays lean, see __setstate__).
+        self._restore()
         state = super().__getstate__()
         state.pop("_packed", None)
+        state["_parameters"] = dict(state["_parameters"])
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.__dict__.get("_lean"):
+            self.__dict__["_parameters"] = _LeanParameters(self.__dict__["_parameters"], self)
+
+    def _plain_weight(self) -> torch.Tensor | None:
+        """The weight Parameter without the restore that `self.weight` triggers on a lean layer."""
+        return dict.get(self.__dict__["_parameters"], "weight")
 
     def _packed_weight(self, x: torch.Tensor):
         """oneDNN-layout copy of the weight, made on first use and remade when the weight changes (new storage
         or an in-place update) or the input shape does; None when this layer or this build cannot use it.
         oneDNN chooses the blocked layout for the input shape it is given, and the layout decides the order of
         the sums: keying on the shape keeps an output independent of which shapes the layer saw before."""
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, tuple(x.shape))
+        shape = tuple(x.shape)
         cached = self.__dict__.get("_packed")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if self.__dict__.get("_released"):
+            if cached[0][-1] == shape:
+                return cached[1]
+            source = cached[1].to_dense()   # exact: the packed copy is a reordering of the plain values
+        else:
+            w = self._plain_weight()
+            key = (w.data_ptr(), w._version, w.dtype, shape)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            source = w.detach()
         try:
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                list(x.shape))
+                source.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(shape))
         except (RuntimeError, AttributeError):
+            if self.__dict__.get("_released"):
+                return None          # the caller falls back to nn.Conv2d, whose self.weight restores
             packed = None
-        self.__dict__["_packed"] = (key, packed)
+        if self.__dict__.get("_released"):
+            self.__dict__["_packed"] = (("released", shape), packed)
+        else:
+            self.__dict__["_packed"] = (key, packed)
+            if packed is not None and self.__dict__.get("_lean"):
+                self._release(packed, shape)
         return packed
+
+    def _release(self, packed, shape: tuple[int, ...]) -> None:
+        """Free the plain weight's storage, keeping the Parameter (and its shape, dtype, device), once the packed
+        copy is known to give it back exactly."""
+        w = self._plain_weight()
+        dense = packed.to_dense()
+        if not (w.is_contiguous() and dense.shape == w.shape and torch.equal(dense, w.detach())):
+            return
+        if not w.untyped_storage().resizable():   # not torch's own memory, e.g. a mapped checkpoint file
+            _page_out(w)
+        with torch.inference_mode(False):    # inference tensors could never take part in autograd again
+            empty = torch.empty_like(w.detach())   # pages never touched, so never resident
+            empty.untyped_storage().resize_(0)
+            w.data = empty
+        self.__dict__["_packed"] = (("released", shape), packed)
+        self.__dict__["_released"] = True
+
+    def _restore(self) -> None:
+        """Give a released weight its values back (a dense copy of the packed one) and drop the packed copy."""
+        if not self.__dict__.get("_released"):
+            return
+        w = self._plain_weight()
+        with torch.inference_mode(False):
+            w.data = self.__dict__["_packed"][1].to_dense().view(w.shape)
+        self.__dict__["_packed"] = None
+        self.__dict__["_released"] = False
 
     def _output_positions(self, x: torch.Tensor) -> int:
         h, w = ((x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
@@ -67,11 +164,12 @@ class Conv2d(nn.Conv2d):
         return x.shape[0] * h * w
 
     def _fast_path_applies(self, x: torch.Tensor) -> bool:
+        if parametrize.is_parametrized(self) or self._plain_weight() is None:
+            return False
         return (self.prepack and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
-                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.dtype == torch.float32 and self._plain_weight().dtype == torch.float32
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
-                and self._output_positions(x) <= PACK_MAX_POSITIONS
-                and torch.backends.mkldnn.is_available() and not parametrize.is_parametrized(self))
+                and self._output_positions(x) <= PACK_MAX_POSITIONS and torch.backends.mkldnn.is_available())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_path_applies(x):
@@ -84,7 +182,78 @@ class Conv2d(nn.Conv2d):
                 # next op, is several times slower on channels-last CPU tensors).
                 return out.contiguous(memory_format=torch.channels_last if _channels_last(x) else
                                       torch.contiguous_format)
-        return super().forward(x)
+        return super().forward(x)   # reads self.weight, which restores a released weight
+
+
+class _LeanParameters(dict):
+    """The `_parameters` of a lean Conv2d. nn.Module reads its parameters only through this dict (attribute
+    access, parameters(), state_dict(), load_state_dict(), _apply()), so handing the weight out, listing the
+    values or changing the dict first gives a released weight its values back. Names alone (`in`, keys())
+    restore nothing, and neither does the bias, which is never released."""
+
+    def __init__(self, items, owner: Conv2d):
+        super().__init__(items)
+        self.owner = weakref.ref(owner)
+
+    def restore(self) -> None:
+        owner = self.owner()
+        if owner is not None:
+            owner._restore()
+
+    def __getitem__(self, name):
+        if name == "weight":
+            self.restore()
+        return super().__getitem__(name)
+
+    def get(self, name, default=None):
+        if name == "weight":
+            self.restore()
+        return super().get(name, default)
+
+    def items(self):
+        self.restore()
+        return super().items()
+
+    def values(self):
+        self.restore()
+        return super().values()
+
+    def __setitem__(self, name, value):
+        self.restore()
+        super().__setitem__(name, value)
+
+    def __delitem__(self, name):
+        self.restore()
+        super().__delitem__(name)
+
+    def pop(self, *args):
+        self.restore()
+        return super().pop(*args)
+
+    def copy(self):
+        self.restore()
+        return dict(self)
+
+
+def pack_for_inference(module: nn.Module) -> nn.Module:
+    """Make every ldm Conv2d in `module` lean (see the module docstring): after its first packed call a layer
+    holds only the packed copy of its weight. For modules used for inference; returns `module`."""
+    for layer in module.modules():
+        if isinstance(layer, Conv2d) and not layer.__dict__.get("_lean"):
+            layer.__dict__["_lean"] = True
+            layer.__dict__["_parameters"] = _LeanParameters(layer.__dict__["_parameters"], layer)
+    return module
+
+
+def unpack(module: nn.Module) -> nn.Module:
+    """Undo `pack_for_inference`: every plain weight back in place; the layers go back to keeping a packed copy
+    beside it."""
+    for layer in module.modules():
+        if isinstance(layer, Conv2d) and layer.__dict__.get("_lean"):
+            layer._restore()
+            layer.__dict__["_parameters"] = dict(layer.__dict__["_parameters"])
+            layer.__dict__["_lean"] = False
+    return module
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
