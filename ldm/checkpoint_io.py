@@ -109,6 +109,21 @@ def load_pickle(path: Path) -> dict:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def read_safetensors(path, what: str = "safetensors file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file; a missing or unreadable file is a CheckpointError naming
+    the path and ``what`` it was meant to be."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as exc:   # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors or pickle-format file, on the CPU."""
     from safetensors import SafetensorError

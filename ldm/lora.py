@@ -112,17 +112,9 @@ def save_lora(path: str | Path, models: dict[str, nn.Module]) -> Path:
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float]:
     """(tensors, rank, alpha) of a file written by :func:`save_lora`."""
-    from safetensors import safe_open
+    from .checkpoint_io import read_safetensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"LoRA file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:   # safetensors raises its own error types for a damaged header
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    tensors, meta = read_safetensors(path, "LoRA file")
     if "ldm.lora.rank" not in meta:
         raise ValueError(f"{path} is not an ldm LoRA file (no ldm.lora.rank metadata)")
     return tensors, int(meta["ldm.lora.rank"]), float(meta["ldm.lora.alpha"])

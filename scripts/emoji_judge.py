@@ -270,17 +270,13 @@ class Judge:
 
     @classmethod
     def load(cls, path: str | Path) -> Judge:
-        from safetensors import safe_open
+        from ldm.checkpoint_io import CheckpointError, read_safetensors
 
         path = Path(path)
-        if not path.is_file():
-            raise JudgeError(f"judge file {path} does not exist")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:   # safetensors raises its own error types for a damaged header
-            raise JudgeError(f"{path}: not a readable safetensors file ({exc})") from None
+            state, meta = read_safetensors(path, "judge file")
+        except CheckpointError as exc:
+            raise JudgeError(str(exc)) from None
         if meta.get("format") != FORMAT:
             raise JudgeError(f"{path}: not an emoji judge file (metadata format {meta.get('format')!r})")
         config = JudgeConfig(**json.loads(meta["config"]))
