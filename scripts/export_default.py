@@ -13,6 +13,7 @@ if the folder is over the size budget. The copy is written next to DST and renam
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import tempfile
@@ -61,7 +62,7 @@ def export(src: Path, dst: Path, max_mb: float, overwrite: bool) -> float:
     if dst.exists() and not overwrite:
         raise SystemExit(f"export_default: {dst} exists; pass --overwrite to replace it")
     components = load(src)
-    half = load(src)
+    half = copy.deepcopy(components)
     for module in (half.unet, half.vae, half.text_encoder):
         module.half()
     dst.parent.mkdir(parents=True, exist_ok=True)
