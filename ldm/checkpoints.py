@@ -96,6 +96,10 @@ def _assign(module, state: dict, dtype) -> None:
     module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
 
 
+def _assign_text(text: TextEncoder, state: dict, dtype) -> None:
+    text.load_weights({k: v.to(dtype) for k, v in state.items()}, assign=True)
+
+
 def _schedule(values: dict, prediction_type: str | None, path) -> ScheduleConfig:
     if prediction_type:
         values = {**values, "prediction_type": prediction_type}
@@ -179,7 +183,7 @@ def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Comp
     dtype = dtype or torch.float32
     _assign(unet, gather(maps["unet"], tensors), dtype)
     _assign(vae, gather(maps["vae"], tensors), dtype)
-    text.load_weights(gather(maps["text"], tensors))
+    _assign_text(text, gather(maps["text"], tensors), dtype)
     info = _single_file_info(path, layout, schedule, shapes, dtypes)
     return Components(unet, vae, text, schedule, info, layout.defaults)
 
@@ -316,7 +320,8 @@ def _load_folder(folder: Path, prediction_type, dtype) -> Components:
     dtype = dtype or torch.float32
     _assign(unet, weights["unet"].tensors, dtype)
     _assign(vae, weights["vae"].tensors, dtype)
-    text.load_weights({k: v for k, v in weights["text_encoder"].tensors.items() if not k.endswith("position_ids")})
+    _assign_text(text, {k: v for k, v in weights["text_encoder"].tensors.items() if not k.endswith("position_ids")},
+                 dtype)
     return Components(unet, vae, text, schedule, info, defaults)
 
 

@@ -67,13 +67,18 @@ class Pipeline(Applications):
     """Text-to-image (``__call__``) plus img2img / inpaint / denoise / anomaly / upscale (``Applications``)."""
 
     def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=torch.float32, compile=False,
-                 source: str | Path | None = None):
+                 source: str | Path | None = None, lean: bool | None = None):
         """``Pipeline()`` loads the shipped default model; ``components`` (``ldm.checkpoints.Components``) wraps
-        models already in memory. ``vae_dtype`` other than float32 is a forced half-precision decode."""
+        models already in memory. ``vae_dtype`` other than float32 is a forced half-precision decode.
+        ``lean``: keep one copy of each convolution weight, the CPU-packed one (``ldm.models.conv``; for SD 1.5
+        in float32 that saves ~2 GB). Default: on when the Pipeline loaded the weights itself (``Pipeline()``,
+        ``from_pretrained``), off for ``components`` whose tensors the caller may hold. Working on the weights
+        by hand (an optimizer over ``pipe.unet.parameters()``)? Turn it off with ``pipe.set_lean(False)``."""
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.vae_dtype = resolve_dtype(vae_dtype)
         if components is None:
             components, source = _load_default(), DEFAULT_MODEL
+            lean = True if lean is None else lean
         from .schedules import NoiseSchedule
 
         self.components = components
@@ -91,9 +96,21 @@ class Pipeline(Applications):
         # what else is in the batch (CPU kernels pick blockings by batch size). On by default on the CPU, where
         # batching gains little; on GPUs batching is the speed, and their kernels are not bitwise stable anyway.
         self.batch_invariant = self.device.type == "cpu"
+        self.set_lean(bool(lean))
+
+    def set_lean(self, lean: bool) -> Pipeline:
+        """Keep only the packed copy of the U-Net's and VAE's convolution weights (True), or both copies and the
+        plain weights always in place (False); see ``__init__``. Returns self."""
+        from .models.conv import pack_for_inference, unpack
+
+        for module in (self.unet, self.vae):
+            (pack_for_inference if lean else unpack)(module)
+        self.lean = lean
+        return self
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, *, vae_dtype=torch.float32, compile=False) -> Pipeline:
+    def from_pretrained(cls, path, device=None, dtype=None, *, vae_dtype=torch.float32, compile=False,
+                        lean: bool = True) -> Pipeline:
         """Load an SD single file (.safetensors / .ckpt), a diffusers folder, or a folder saved by ldm."""
         path = Path(path)
         if not path.exists():
@@ -102,7 +119,8 @@ class Pipeline(Applications):
         resolve_device(device), resolve_dtype(dtype)  # fail on a bad name before loading gigabytes
         from .checkpoints import load
 
-        return cls(load(path), device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path)
+        return cls(load(path), device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path,
+                   lean=lean)
 
     # ------------------------------------------------------------------ text-to-image
     def __call__(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m",

@@ -10,8 +10,8 @@ steps, guidance 7.5, size and batch. Each (library, setting) runs in its own sub
 the peak RSS (VmHWM) of that process (weights loading included, for both libraries alike); on CUDA it is
 torch.cuda.max_memory_allocated. Times are per image, the median over ``--repeats`` runs after one warm-up.
 ldm is measured with batch_invariant True (its CPU default: the U-Net runs one batch row at a time) and False,
-with its U-Net and VAE lean (``ldm.models.conv.pack_for_inference``: one packed copy of each conv weight) or
-not (packed copy beside the plain weight), and with prepacking off. ``--repeats 0`` runs one generation and
+lean (``from_pretrained``'s default: one packed copy of each U-Net and VAE conv weight) or not (``lean=False``:
+the packed copy beside the plain weight), and with prepacking off. ``--repeats 0`` runs one generation and
 reports only the peak memory; "load MB" is the peak once the pipeline is loaded, before generating.
 """
 from __future__ import annotations
@@ -36,13 +36,11 @@ def child(a) -> None:
     prompts = [bc.PROMPT] * batch
     if a.lib == "ldm":
         import ldm
-        from ldm.models.conv import Conv2d, pack_for_inference, unpack
+        from ldm.models.conv import Conv2d
 
         Conv2d.prepack = bool(a.prepack)
-        pipe = ldm.Pipeline.from_pretrained(a.folder, device="cuda" if cuda else "cpu")
+        pipe = ldm.Pipeline.from_pretrained(a.folder, device="cuda" if cuda else "cpu", lean=bool(a.lean))
         pipe.batch_invariant = bool(a.batch_invariant)
-        for module in (pipe.unet, pipe.vae):
-            (pack_for_inference if a.lean else unpack)(module)
 
         def generate():
             return pipe(prompts, steps=a.steps, guidance=7.5, sampler="dpmpp_2m", height=size, width=size,

@@ -124,6 +124,18 @@ def test_lean_layer_releases_weight_and_gives_it_back_exactly():
     assert conv.weight is weight and conv.bias is bias
 
 
+def test_stale_weight_reference_fails_on_shape_and_gets_its_values_back():
+    # An optimizer built before a lean forward holds the Parameter: its step must fail loudly (not read freed
+    # memory), and the same Parameter has its values again once the module hands the weight out.
+    conv, twin = _lean_pair()
+    stale = conv.weight
+    with torch.no_grad():
+        conv(torch.randn(1, 8, 6, 6))
+    with pytest.raises(RuntimeError):
+        torch.matmul(stale.detach().view(12, -1), torch.ones(72, 1))
+    assert conv.weight is stale and torch.equal(stale, twin.weight)
+
+
 @pytest.mark.parametrize("read", [
     lambda c: c.weight.clone(),
     lambda c: dict(c.named_parameters())["weight"].clone(),

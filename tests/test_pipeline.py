@@ -224,6 +224,23 @@ def test_memory_options_keep_the_image(folder):
         pipe.enable_sequential_cpu_offload("cpu")
 
 
+def test_loaded_pipeline_keeps_one_copy_of_conv_weights_and_the_same_image(folder):
+    from ldm.models.conv import Conv2d
+
+    def released(p):
+        return sum(m._plain_weight().numel() == 0 for m in p.unet.modules() if isinstance(m, Conv2d))
+
+    lean, plain = Pipeline.from_pretrained(folder), Pipeline.from_pretrained(folder, lean=False)
+    run = dict(steps=2, height=32, width=32, seed=0, progress=False, output_type="np")
+    np.testing.assert_array_equal(lean(PROMPT, **run), plain(PROMPT, **run))
+    assert lean.lean and released(lean) > 0 and not plain.lean and released(plain) == 0
+    for (name, a), b in zip(lean.unet.state_dict().items(), plain.unet.state_dict().values()):
+        assert torch.equal(a, b), name                     # handing the weights out gives them back exactly
+    lean(PROMPT, **run)
+    assert not Pipeline(lean.components).lean and released(lean) == 0   # caller's modules: plain again
+    assert lean.set_lean(True) is lean and lean(PROMPT, **run) is not None and released(lean) > 0
+
+
 def test_save_pretrained_round_trip(pipe, tmp_path):
     run = dict(steps=2, height=16, width=16, seed=3, progress=False, output_type="np")
     saved = pipe.save_pretrained(tmp_path / "copy")

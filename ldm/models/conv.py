@@ -19,9 +19,11 @@ copy stays. The conversion is a pure reordering of the values, so the plain weig
 a big map, copying and pickling. Weights that are views of a mapped checkpoint file (safetensors loads them
 so) have their pages handed back to the kernel instead (`_page_out`). A new input shape repacks from a dense
 copy made on the fly (oneDNN picks its layout per shape), so one packed copy is alive per layer. The
-Parameter objects stay the same and their metadata valid, but a weight reference held across a lean forward
-and read without going through the module reads released storage (a crash): call `unpack(module)` first, or
-do not opt in (training code; EMA swaps hold such references). `Conv2d.prepack = False` turns packing off.
+Parameter objects stay the same, but a weight reference held across a lean forward and used without going
+through the module finds an empty tensor (an optimizer or EMA step fails on its shape; the values are safe
+in the layer, and come back in that same Parameter as soon as the module hands it out): call
+`unpack(module)` before working on the weights, or do not opt in (training code).
+`Conv2d.prepack = False` turns packing off.
 
 `tokens_in` / `tokens_out`: the 1×1 projections between a (B, C, H, W) map and (B, H·W, C) tokens as GEMMs
 (conv and linear projections alike); back to the map, W·tokens^T lands in NCHW order with no permuted copy.
@@ -142,9 +144,10 @@ class Conv2d(nn.Conv2d):
         if not w.untyped_storage().resizable():   # not torch's own memory, e.g. a mapped checkpoint file
             _page_out(w)
         with torch.inference_mode(False):    # inference tensors could never take part in autograd again
-            empty = torch.empty_like(w.detach())   # pages never touched, so never resident
-            empty.untyped_storage().resize_(0)
-            w.data = empty
+            # Empty, not merely storage-less: a stale reference used outside the module then fails on shapes
+            # (an optimizer or EMA step, a matmul) instead of reading freed memory.
+            self.__dict__["_weight_shape"] = w.shape
+            w.data = w.new_empty(0)
         self.__dict__["_packed"] = (("released", shape), packed)
         self.__dict__["_released"] = True
 
@@ -154,7 +157,7 @@ class Conv2d(nn.Conv2d):
             return
         w = self._plain_weight()
         with torch.inference_mode(False):
-            w.data = self.__dict__["_packed"][1].to_dense().view(w.shape)
+            w.data = self.__dict__["_packed"][1].to_dense().view(self.__dict__["_weight_shape"])
         self.__dict__["_packed"] = None
         self.__dict__["_released"] = False
 

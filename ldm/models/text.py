@@ -234,10 +234,13 @@ class TextEncoder(nn.Module):
         return {k[len(prefix):]: v for k, v in self.model.state_dict().items()
                 if k.startswith(prefix) and not k.endswith("position_ids")}
 
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors named as :meth:`weights` names them (every name required, shapes checked by torch)."""
+    def load_weights(self, tensors: dict[str, torch.Tensor], *, assign: bool = False) -> None:
+        """Copy tensors named as :meth:`weights` names them (every name required, shapes checked by torch).
+        ``assign=True`` takes the tensors themselves instead of copying them (loaders: no second copy of a
+        file's weights; their dtype becomes the encoder's)."""
         prefix = self._prefix()
-        result = self.model.load_state_dict({prefix + k: v for k, v in tensors.items()}, strict=False)
+        result = self.model.load_state_dict({prefix + k: v for k, v in tensors.items()}, strict=False,
+                                            assign=assign)
         missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
         if missing or result.unexpected_keys:
             raise KeyError(f"text encoder weights: missing {missing}, unexpected {result.unexpected_keys}")
