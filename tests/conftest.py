@@ -15,3 +15,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    """A tiny random SD 1.x model saved as a diffusers folder (tests/tiny_models.py), built once per run."""
+    from tiny_models import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd1") / "model", "sd1")

@@ -18,13 +18,8 @@ FAST = dict(steps=4, progress=False)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("sd1") / "model", "sd1")
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return Pipeline.from_pretrained(folder)
+def pipe(sd1_folder):
+    return Pipeline.from_pretrained(sd1_folder)
 
 
 def photo(size=(32, 24), seed=0) -> Image.Image:

@@ -20,8 +20,8 @@ PROMPT = "a turtle playing basketball"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("sd1") / "model", "sd1")
+def folder(sd1_folder):
+    return sd1_folder
 
 
 @pytest.fixture(scope="module")
