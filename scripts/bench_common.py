@@ -83,6 +83,36 @@ def make_folder(model: str, folder: Path, seed: int = 0, reuse: bool = False) ->
     return Path(folder)
 
 
+def load_pipeline(lib: str, folder, *, device: str = "cpu", batch_invariant: bool = True, lean: bool = True,
+                  prepack: bool = True):
+    """(pipe, generate) for ``lib`` "ldm" (ldm.Pipeline) or "diffusers" (StableDiffusionPipeline with
+    DPMSolverMultistepScheduler) on ``folder``; ``generate(prompts, steps, size)`` samples both alike:
+    DPM-Solver++ 2M, guidance 7.5, seed 0, float arrays out."""
+    if lib == "ldm":
+        import ldm
+        from ldm.models.conv import Conv2d
+
+        Conv2d.prepack = prepack
+        pipe = ldm.Pipeline.from_pretrained(folder, device=device, lean=lean)
+        pipe.batch_invariant = batch_invariant
+
+        def generate(prompts, steps, size):
+            return pipe(prompts, steps=steps, guidance=7.5, sampler="dpmpp_2m", height=size, width=size, seed=0,
+                        progress=False, output_type="np")
+        return pipe, generate
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(prompts, steps, size):
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+    return pipe, generate
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size in MB: VmHWM of /proc/self/status on Linux. Not ru_maxrss: Linux
     carries it over exec from the address space it replaces, so a child started by a parent that once held

@@ -34,30 +34,11 @@ def child(a) -> None:
     cuda = torch.cuda.is_available()
     size, batch = a.size, a.batch[0]
     prompts = [bc.PROMPT] * batch
-    if a.lib == "ldm":
-        import ldm
-        from ldm.models.conv import Conv2d
+    _, load = bc.load_pipeline(a.lib, a.folder, device="cuda" if cuda else "cpu",
+                               batch_invariant=bool(a.batch_invariant), lean=bool(a.lean), prepack=bool(a.prepack))
 
-        Conv2d.prepack = bool(a.prepack)
-        pipe = ldm.Pipeline.from_pretrained(a.folder, device="cuda" if cuda else "cpu", lean=bool(a.lean))
-        pipe.batch_invariant = bool(a.batch_invariant)
-
-        def generate():
-            return pipe(prompts, steps=a.steps, guidance=7.5, sampler="dpmpp_2m", height=size, width=size,
-                        seed=0, progress=False, output_type="np")
-    else:
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(a.folder, safety_checker=None,
-                                                       requires_safety_checker=False)
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        pipe = pipe.to("cuda" if cuda else "cpu")
-        pipe.set_progress_bar_config(disable=True)
-
-        def generate():
-            g = torch.Generator().manual_seed(0)
-            return pipe(prompts, num_inference_steps=a.steps, guidance_scale=7.5, height=size, width=size,
-                        generator=g, output_type="np").images
+    def generate():
+        return load(prompts, a.steps, size)
 
     load_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else bc.peak_rss_mb()
     generate()                                     # warm-up: allocator, kernel selection, prepacking

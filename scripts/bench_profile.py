@@ -64,35 +64,12 @@ class Stopwatch:
 
 
 def load(lib: str, folder: Path, batched: bool):
-    """(generate(prompts, steps, size), stopwatch) for one library."""
-    import torch
-
+    """(generate(prompts, steps, size), stopwatch) for one library, its networks timed."""
+    pipe, generate = bc.load_pipeline(lib, folder, batch_invariant=not batched)
     watch = Stopwatch()
-    if lib == "ldm":
-        import ldm
-
-        pipe = ldm.Pipeline.from_pretrained(folder)
-        pipe.batch_invariant = not batched
-        watch.wrap(pipe.text_encoder, "forward", "text encoder")
-        watch.wrap(pipe.unet, "forward", "U-Net")
-        watch.wrap(pipe.vae, "decode", "VAE decode")
-
-        def generate(prompts, steps, size):
-            return pipe(prompts, steps=steps, guidance=7.5, sampler="dpmpp_2m", height=size, width=size,
-                        seed=0, progress=False, output_type="np")
-    else:
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        watch.wrap(pipe.text_encoder, "forward", "text encoder")
-        watch.wrap(pipe.unet, "forward", "U-Net")
-        watch.wrap(pipe.vae, "decode", "VAE decode")
-
-        def generate(prompts, steps, size):
-            return pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
-                        generator=torch.Generator().manual_seed(0), output_type="np").images
+    watch.wrap(pipe.text_encoder, "forward", "text encoder")
+    watch.wrap(pipe.unet, "forward", "U-Net")
+    watch.wrap(pipe.vae, "decode", "VAE decode")
     return generate, watch
 
 
