@@ -38,7 +38,7 @@ from typing import Any
 
 from . import manifest as mf
 from .cli import UsageError, add_model_arguments, image_side, load_pipeline, number, positive_int, seed_int
-from .prompt_file import FORMATS, PromptFile, read_prompt_file
+from .prompt_file import FORMATS, PromptFile, long_prompts, read_prompt_file
 
 DEFAULT_BATCH_SIZE = 4
 SLUG_LENGTH = 60
@@ -237,6 +237,9 @@ def run(args) -> int:
     if args.device == "cuda" and world.size > 1:  # one GPU per process
         args.device = f"cuda:{world.local_rank}"
     pipe = load_pipeline(args)
+    if world.rank == 0:     # a small model's text encoder may read fewer tokens than CLIP's 75
+        for problem in long_prompts(prompts, pipe.text_encoder.max_length - 2):
+            print(f"{problem.source}:{problem.line}: warning: {problem.message}", file=sys.stderr)
     plan = make_plan(prompts, args, pipe)
     previous = None if args.overwrite else _previous_plan(out)
     if previous is not None and _comparable(previous) != _comparable(plan.record):
@@ -347,8 +350,8 @@ def _generate(pipe, plan: Plan, out: Path, world: World, quiet: bool) -> tuple[i
     with mf.ManifestWriter(target) as manifest, \
             tqdm(total=todo, desc=label, unit="img", disable=quiet or world.rank != 0 or todo == 0) as bar, \
             warnings.catch_warnings():
-        # the checker already warned, with file:line, about prompts past CLIP's 77 tokens
-        warnings.filterwarnings("ignore", message=r"prompt \d+ is longer than CLIP")
+        # prompts past the text encoder's context were already warned about, with file:line
+        warnings.filterwarnings("ignore", message=r"prompt \d+ is longer than the text encoder")
         for batch in mine:
             missing = [i for i in batch if i not in done]
             if not missing:

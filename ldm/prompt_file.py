@@ -330,18 +330,33 @@ class _Checker:
         """Warn when the text encoder will not read the whole prompt (CLIP's 77-token context)."""
         if len(prompt) < 2 * TOKEN_LIMIT:  # every CLIP token covers at least one character... usually more
             return
-        tokens = self._count_tokens(prompt)
-        if tokens > TOKEN_LIMIT:
-            self.result.warnings.append(Problem(
-                self.result.source, line, f"prompt is {tokens} tokens ({len(prompt)} characters) long; the text "
-                f"encoder reads only the first {TOKEN_LIMIT}, the rest has no effect on the image"))
-
-    def _count_tokens(self, prompt: str) -> int:
         if self._tokenizer is None:
             from .tokenizer import bundled_tokenizer
 
             self._tokenizer = bundled_tokenizer()
-        return len(self._tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids)
+        problem = _long_prompt(self._tokenizer, self.result.source, line, prompt, TOKEN_LIMIT)
+        if problem is not None:
+            self.result.warnings.append(problem)
+
+
+def _long_prompt(tokenizer, source: str, line: int, prompt: str, limit: int) -> Problem | None:
+    tokens = len(tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids)
+    if tokens <= limit:
+        return None
+    return Problem(source, line, f"prompt is {tokens} tokens ({len(prompt)} characters) long; the text encoder "
+                                 f"reads only the first {limit}, the rest has no effect on the image")
+
+
+def long_prompts(result: PromptFile, limit: int) -> list[Problem]:
+    """Warnings for the prompts a text encoder with a context shorter than CLIP's reads only in part (``limit``
+    tokens between the start and end tokens). Reading the file already warned about prompts past TOKEN_LIMIT."""
+    if limit >= TOKEN_LIMIT:
+        return []
+    from .tokenizer import bundled_tokenizer
+
+    tokenizer = bundled_tokenizer()
+    problems = (_long_prompt(tokenizer, result.source, p.line, p.prompt, limit) for p in result.lines)
+    return [p for p in problems if p is not None]
 
 
 def _integer(value: Any, key: str) -> int:

@@ -42,7 +42,7 @@ def tokenize(tokenizer, prompts: list[str], pad_id: int, max_length: int = MAX_L
         if len(ids) > max_length:
             cut = tokenizer.decode(ids[max_length - 1 : -1])
             warnings.warn(
-                f"prompt {i} is longer than CLIP's {max_length} tokens; these words were cut: {cut!r}",
+                f"prompt {i} is longer than the text encoder's {max_length} tokens; these words were cut: {cut!r}",
                 stacklevel=3,
             )
             ids = ids[: max_length - 1] + ids[-1:]

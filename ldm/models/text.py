@@ -1,4 +1,4 @@
-"""Text encoders of the SD family: prompts -> context (B, 77, D) for the U-Net's cross-attention.
+"""Text encoders of the SD family: prompts -> context (B, L, D) for the U-Net's cross-attention.
 
 SD 1.x conditions on OpenAI CLIP ViT-L/14's text transformer (Radford et al. 2021), run here through
 transformers' ``CLIPTextModel``; its last hidden state (after the final layer norm) is the context.
@@ -158,8 +158,8 @@ def _without_init(build, config: TextEncoderConfig) -> nn.Module | None:
 
 
 class TextEncoder(nn.Module):
-    """prompts -> context (B, 77, D). ``tokenizer``: a CLIPTokenizer (default: the bundled one).
-    ``init_weights=False`` leaves the weights uninitialised, for callers that load them right after."""
+    """prompts -> context (B, L, D), L = config.max_position_embeddings (77 in SD; fewer in a small model).
+    ``tokenizer``: a CLIPTokenizer (default: the bundled one). ``init_weights=False`` leaves the weights uninitialised, for callers that load them right after."""
 
     def __init__(self, config: TextEncoderConfig | None = None, tokenizer=None, *, init_weights: bool = True):
         super().__init__()
@@ -175,7 +175,7 @@ class TextEncoder(nn.Module):
 
     # -- tokens ------------------------------------------------------------------------------------------
     def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
-        """(B, 77) token ids, padded for this family; warns, naming the cut words, past 77 tokens."""
+        """(B, L) token ids, padded for this family; warns, naming the cut words, past L tokens."""
         if isinstance(prompts, str):
             prompts = [prompts]
         return tokenize(self.tokenizer, prompts, self.pad_id, self.max_length)
