@@ -234,6 +234,8 @@ def test_loaded_pipeline_keeps_one_copy_of_conv_weights_and_the_same_image(folde
     run = dict(steps=2, height=32, width=32, seed=0, progress=False, output_type="np")
     np.testing.assert_array_equal(lean(PROMPT, **run), plain(PROMPT, **run))
     assert lean.lean and released(lean) > 0 and not plain.lean and released(plain) == 0
+    n = released(lean)
+    assert (lean.unet.dtype, lean.vae.dtype) == (torch.float32, torch.float32) and released(lean) == n  # no unpacking
     for (name, a), b in zip(lean.unet.state_dict().items(), plain.unet.state_dict().values()):
         assert torch.equal(a, b), name                     # handing the weights out gives them back exactly
     lean(PROMPT, **run)

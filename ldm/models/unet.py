@@ -232,7 +232,8 @@ class UNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
+        # a Linear's weight: reading a conv's would unpack it on a lean pipeline (ldm/models/conv.py)
+        return self.time_embedding.linear_1.weight.dtype
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """x (B, C, h, w) latents, t (B,) or scalar timesteps (fractional allowed), context (B, L, D)."""

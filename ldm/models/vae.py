@@ -218,7 +218,8 @@ class AutoencoderKL(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.encoder.conv_in.weight.dtype
+        # a norm's weight: reading a conv's would unpack it on a lean pipeline (ldm/models/conv.py)
+        return self.decoder.conv_norm_out.weight.dtype
 
     def set_tiling(self, enabled: bool, tile_size: int | None = None) -> None:
         """Encode/decode images larger than `tile_size` pixels (default config.sample_size) tile by tile, with
