@@ -37,4 +37,4 @@ if [ ! -f "$OUT/refine/model/model_index.json" ]; then
     max_steps=5500 lr=6e-4 text_encoder_lr=3e-4 lr_warmup_steps=100 lr_min_ratio=0.05 "$@"
 fi
 python scripts/export_default.py "$OUT/refine/model" "$OUT/default" --overwrite
-echo "default model: $OUT/default"
+echo "default model: $OUT/default ($((SECONDS / 60)) min)"
