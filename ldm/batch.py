@@ -238,8 +238,8 @@ def run(args) -> int:
         args.device = f"cuda:{world.local_rank}"
     pipe = load_pipeline(args)
     if world.rank == 0:     # a small model's text encoder may read fewer tokens than CLIP's 75
-        for problem in long_prompts(prompts, pipe.text_encoder.max_length - 2):
-            print(f"{problem.source}:{problem.line}: warning: {problem.message}", file=sys.stderr)
+        for problem in long_prompts(prompts, pipe.text_encoder.tokenizer, pipe.text_encoder.max_length - 2):
+            _warn(problem)
     plan = make_plan(prompts, args, pipe)
     previous = None if args.overwrite else _previous_plan(out)
     if previous is not None and _comparable(previous) != _comparable(plan.record):
@@ -266,11 +266,14 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def _warn(problem, kind: str = "") -> None:
+    print(f"{problem.source}:{problem.line}: warning: {kind}{problem.message}", file=sys.stderr)
+
+
 def _report(prompts: PromptFile, skip_invalid: bool, speak: bool) -> None:
     if speak:
         for problem in sorted(prompts.warnings + (prompts.errors if skip_invalid else []), key=lambda p: p.line):
-            kind = "line left out: " if problem in prompts.errors else ""
-            print(f"{problem.source}:{problem.line}: warning: {kind}{problem.message}", file=sys.stderr)
+            _warn(problem, "line left out: " if problem in prompts.errors else "")
         if not skip_invalid:
             for problem in prompts.errors:
                 print(f"{problem}", file=sys.stderr)

@@ -347,14 +347,12 @@ def _long_prompt(tokenizer, source: str, line: int, prompt: str, limit: int) -> 
                                  f"reads only the first {limit}, the rest has no effect on the image")
 
 
-def long_prompts(result: PromptFile, limit: int) -> list[Problem]:
-    """Warnings for the prompts a text encoder with a context shorter than CLIP's reads only in part (``limit``
-    tokens between the start and end tokens). Reading the file already warned about prompts past TOKEN_LIMIT."""
+def long_prompts(result: PromptFile, tokenizer, limit: int) -> list[Problem]:
+    """Warnings for the prompts a text encoder with a context shorter than CLIP's reads only in part: ``limit``
+    tokens between the start and end tokens, counted by the model's own ``tokenizer``. Reading the file already
+    warned about prompts past TOKEN_LIMIT."""
     if limit >= TOKEN_LIMIT:
         return []
-    from .tokenizer import bundled_tokenizer
-
-    tokenizer = bundled_tokenizer()
     problems = (_long_prompt(tokenizer, result.source, p.line, p.prompt, limit) for p in result.lines)
     return [p for p in problems if p is not None]
 

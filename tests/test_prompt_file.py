@@ -5,6 +5,7 @@ import io
 import pytest
 
 from ldm.prompt_file import long_prompts, parse_prompts, read_prompt_file
+from ldm.tokenizer import bundled_tokenizer
 
 SAMPLERS = ("ddim", "dpmpp_2m", "euler", "euler_a")
 
@@ -131,9 +132,10 @@ def test_long_prompts_for_a_text_encoder_with_a_short_context():
     # a small model (ldm's default reads 30 tokens) cuts prompts the CLIP-length check lets through
     result = parse("a turtle\n" + "word " * 40 + "\n")
     assert result.warnings == []
-    (warning,) = long_prompts(result, 30)
+    tokenizer = bundled_tokenizer()
+    (warning,) = long_prompts(result, tokenizer, 30)
     assert warning.line == 2 and "40 tokens" in warning.message and "first 30" in warning.message
-    assert long_prompts(result, 75) == []
+    assert long_prompts(result, tokenizer, 75) == []
 
 
 def test_emoji_slashes_and_dots_are_valid_prompts():

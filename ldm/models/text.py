@@ -159,7 +159,8 @@ def _without_init(build, config: TextEncoderConfig) -> nn.Module | None:
 
 class TextEncoder(nn.Module):
     """prompts -> context (B, L, D), L = config.max_position_embeddings (77 in SD; fewer in a small model).
-    ``tokenizer``: a CLIPTokenizer (default: the bundled one). ``init_weights=False`` leaves the weights uninitialised, for callers that load them right after."""
+    ``tokenizer``: a CLIPTokenizer (default: the bundled one). ``init_weights=False`` leaves the weights
+    uninitialised, for callers that load them right after."""
 
     def __init__(self, config: TextEncoderConfig | None = None, tokenizer=None, *, init_weights: bool = True):
         super().__init__()
