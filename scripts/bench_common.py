@@ -44,7 +44,8 @@ def default_configs() -> tuple[dict, dict, dict, dict]:
                up_block_types=["UpDecoderBlock2D"] * len(m["vae"]["block_out_channels"]))
     downscale = 2 ** (len(vae["block_out_channels"]) - 1)
     text = {k: v for k, v in m["text_encoder"].items() if v is not None}
-    text.update(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+    text.setdefault("max_position_embeddings", 77)
+    text.update(vocab_size=49408, hidden_act="quick_gelu")
     text.setdefault("projection_dim", text["hidden_size"])
     unet = dict(m["unet"], sample_size=res // downscale, in_channels=4, out_channels=4,
                 cross_attention_dim=text["hidden_size"])
