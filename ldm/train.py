@@ -110,6 +110,8 @@ class Trainer:
             for m in self.module.modules():
                 if m is not self.module and hasattr(m, "set_gradient_checkpointing"):
                     m.set_gradient_checkpointing(True)
+        if cfg.compile:
+            self.module.compile_training()
         self.optimizer = torch.optim.AdamW(self.stage.param_groups(), lr=cfg.lr, betas=cfg.adam_betas,
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                            fused=self.device.type in ("cpu", "cuda"))

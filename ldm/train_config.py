@@ -109,6 +109,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0           # 0 = no clipping
     mixed_precision: str = "no"          # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
+    compile: bool = False                # torch.compile the training forward (U-Net or VAE); validation and
+                                         # export use the plain modules
     ema_decay: float = 0.0               # 0 = no EMA
     ema_warmup: bool = True              # decay ramps as (1 + n) / (10 + n) up to ema_decay
     train_text_encoder: bool = True

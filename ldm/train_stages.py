@@ -50,11 +50,19 @@ class Reconstruction(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
+        self._reconstruct = self.reconstruct
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         posterior = self.vae.encode(x)
         z = posterior.mean + posterior.std * noise
         return self.vae.decode(z, dtype=torch.float32), posterior.kl()
+
+    def compile_training(self) -> None:
+        """Run the training forward through torch.compile (the VAE module itself stays plain)."""
+        self._reconstruct = torch.compile(self.reconstruct)
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._reconstruct(x, noise)
 
 
 class VAEStage:
@@ -111,6 +119,12 @@ class DiffusionModel(nn.Module):
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text: bool):
         super().__init__()
         self.unet, self.text_encoder, self.train_text = unet, text_encoder, train_text
+        self._unet_forward = unet.forward
+
+    def compile_training(self) -> None:
+        """Run the U-Net's training forward through torch.compile. Only this module's forward uses the
+        compiled graph: validation and export call the U-Net itself, with its own names and no recompiles."""
+        self._unet_forward = torch.compile(self.unet.forward)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +132,7 @@ class DiffusionModel(nn.Module):
         if context is None:
             with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
                 context = self.text_encoder.encode(ids)
-        return self.unet(x_t, t, context)
+        return self._unet_forward(x_t, t, context)
 
 
 class UNetStage:

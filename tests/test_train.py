@@ -109,6 +109,16 @@ def test_gradient_accumulation_matches_a_bigger_batch(shapes, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_the_same_names(shapes, tmp_path):
+    data, vae = shapes
+    _train(unet_overrides(data, vae, tmp_path / "eager", max_steps=3, batch_size=4, lr=1e-4))
+    _train(unet_overrides(data, vae, tmp_path / "compiled", max_steps=3, batch_size=4, lr=1e-4, compile=True))
+    a, b = model_weights(tmp_path / "eager" / "model"), model_weights(tmp_path / "compiled" / "model")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
