@@ -9,7 +9,7 @@
 # default /work/data/emoji), SKIP_PREPARE=1 (use DATA as it is).
 # Results: OUT/vae/model/vae (the VAE), OUT/unet/model (phase 1), OUT/refine/model (phase 2),
 # OUT/polish/model (phase 3: the model; loads with Pipeline.from_pretrained),
-# OUT/default (the same model packaged for shipping by scripts/export_default.py: fp16, bundled tokenizer;
+# OUT/default (the same model packaged for shipping by scripts/export_default.py: fp16, no tokenizer copy (the package's bundled one is used);
 # copy it to ldm/assets/default to make it ldm's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,7 @@ if [ ! -f "$OUT/refine/model/model_index.json" ]; then
     max_steps=5500 lr=6e-4 text_encoder_lr=3e-4 lr_warmup_steps=100 lr_min_ratio=0.05 "$@"
 fi
 # Phase 3: the same mix again with a fresh order (seed 3), a third, gentler cosine cycle (lr 3e-4 down to 1e-5)
-# and a compiled training forward. Phase 2 ended with the loss still falling (docs/default-model-runs.md, run 4).
+# and a compiled training forward. Phase 2 ended with the loss still falling (docs/default-model-runs.md, runs 2 and 4).
 if [ ! -f "$OUT/polish/model/model_index.json" ]; then
   python -m ldm.train --config configs/default.yaml --data "$DATA" --output "$OUT/polish" --resume stage=unet \
     init="$OUT/refine/model" data.cache_dir="$OUT/unet/cache" 'data.repeats={"kind=single": 5}' seed=3 \
