@@ -14,12 +14,12 @@ __version__ = "0.1.0"
 __all__ = ["Pipeline", "__version__"]
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from ldm.pipeline import Pipeline
 
 
 def __getattr__(name: str):
     if name == "Pipeline":
-        from .pipeline import Pipeline
+        from ldm.pipeline import Pipeline
 
         return Pipeline
     raise AttributeError(f"module 'ldm' has no attribute {name!r}")

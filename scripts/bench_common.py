@@ -70,7 +70,7 @@ def make_folder(model: str, folder: Path, seed: int = 0, reuse: bool = False) ->
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from ldm.tokenizer import TOKENIZER_DIR
+    from ldm.assets import TOKENIZER_DIR
 
     unet_cfg, vae_cfg, text_cfg, schedule = configs(model)
     torch.manual_seed(seed)

@@ -270,7 +270,7 @@ class Judge:
 
     @classmethod
     def load(cls, path: str | Path) -> Judge:
-        from ldm.checkpoint_io import CheckpointError, read_safetensors
+        from ldm.checkpoints.tensor_io import CheckpointError, read_safetensors
 
         path = Path(path)
         try:

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from ldm import Pipeline
-from ldm.applications import estimate_noise
-from ldm.images import to_tensor
+from ldm.pipeline.applications import estimate_noise
+from ldm.pipeline.images import to_tensor
 from tiny_models import save_tiny_pipeline
 from wiener import SIZE, knowing_pipeline, smooth_fields
 

@@ -3,7 +3,6 @@
 import errno
 import hashlib
 import io
-import json
 import os
 import random
 import signal
@@ -16,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ldm.manifest as mf
-from ldm import batch
+import ldm.batch.manifest as mf
+import ldm.batch.run as batch_run
+from ldm.files import TMP_SUFFIX
 from ldm.cli import main
-from ldm.png_info import read_png_info
+from ldm.pipeline.png_info import read_png_info
 from tiny_models import save_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +84,8 @@ def check_folder(out: Path) -> dict[str, str]:
     files = [r["file"] for r in records]
     assert len(files) == len(set(files)), "a file is recorded twice"
     assert len({(r["line"], r["image"]) for r in records}) == len(records), "an image is recorded twice"
-    assert sorted(p.name for p in out.glob("*.png") if p.name != batch.GRID) == sorted(files)
-    assert not list(out.glob(f".*{mf.TMP_SUFFIX}")) and not list(out.glob("manifest.rank*"))
+    assert sorted(p.name for p in out.glob("*.png") if p.name != batch_run.GRID) == sorted(files)
+    assert not list(out.glob(f".*{TMP_SUFFIX}")) and not list(out.glob("manifest.rank*"))
     for r in records:
         data = (out / r["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == r["sha256"]
@@ -95,21 +95,21 @@ def check_folder(out: Path) -> dict[str, str]:
 
 
 def test_splitmix64_and_line_seeds():
-    assert batch.splitmix64(0) == 0xE220A8397B1DCDAF  # SplitMix64's first output from state 0 (reference value)
-    seeds = [batch.line_seed(0, line) for line in range(1, 200)]
+    assert batch_run.splitmix64(0) == 0xE220A8397B1DCDAF  # SplitMix64's first output from state 0 (reference value)
+    seeds = [batch_run.line_seed(0, line) for line in range(1, 200)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**32 for s in seeds)
-    assert batch.line_seed(0, 7) == batch.line_seed(0, 7) != batch.line_seed(1, 7)
+    assert batch_run.line_seed(0, 7) == batch_run.line_seed(0, 7) != batch_run.line_seed(1, 7)
 
 
 def test_slugs_are_safe_bounded_and_stable():
-    assert batch.slug("A Turtle, playing Basketball!") == "a-turtle-playing-basketball"
-    assert batch.slug("../../etc/passwd") == "etc-passwd"
-    assert batch.slug("🐢🐢🐢") == batch.slug("////") == batch.slug("..") == "prompt"
-    assert batch.slug("café crème") == "cafe-creme"
-    long = batch.file_name(12345, "word " * 2000, 2**64 - 1)
+    assert batch_run.slug("A Turtle, playing Basketball!") == "a-turtle-playing-basketball"
+    assert batch_run.slug("../../etc/passwd") == "etc-passwd"
+    assert batch_run.slug("🐢🐢🐢") == batch_run.slug("////") == batch_run.slug("..") == "prompt"
+    assert batch_run.slug("café crème") == "cafe-creme"
+    long = batch_run.file_name(12345, "word " * 2000, 2**64 - 1)
     assert long.startswith("12345-word-word") and len(long) <= 5 + 1 + 60 + 1 + 20 + 4
     for text in ("a/b\\c", "x\0y", "..", "\u202e evil", "CON"):
-        name = batch.file_name(1, text, 0)
+        name = batch_run.file_name(1, text, 0)
         assert "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".")
 
 
@@ -118,7 +118,7 @@ def test_run_writes_images_manifest_and_metadata_then_resumes(reference, model, 
     records = {(r["line"], r["image"]): r for r in mf.read_records(reference / mf.MANIFEST)}
     assert sorted(records) == [(line, k) for line in LINES for k in range(2)]
     assert (records[4, 0]["seed"], records[4, 1]["seed"]) == (5, 6)  # an explicit seed: s, s+1
-    assert records[1, 0]["seed"] == batch.line_seed(0, 1) and records[1, 1]["seed"] == batch.line_seed(0, 1) + 1
+    assert records[1, 0]["seed"] == batch_run.line_seed(0, 1) and records[1, 1]["seed"] == batch_run.line_seed(0, 1) + 1
     assert records[6, 0]["width"] == 24 and records[8, 0]["steps"] == 3 and records[7, 0]["guidance"] == 3.0
     assert records[5, 0]["negative_prompt"] == "blurry" and records[5, 0]["file"].startswith("00005-etc-passwd-")
     info = read_png_info(reference / records[4, 1]["file"])
@@ -215,13 +215,15 @@ def test_full_disk_fails_cleanly_then_resumes(model, prompt_file, reference, tmp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(mf, "write_atomic", filling_disk)
+    for module in (mf, batch_run):   # the plan record, then the images
+        monkeypatch.setattr(module, "write_atomic", filling_disk)
     out = tmp_path / "out"
     status, err = run(capsys, prompt_file, "--out", out, "--model", model, *FAST)
     assert status == 2 and "Traceback" not in err
     assert "No space left on device" in err and str(out / "0000") in err and "run the same command again" in err
     assert len(mf.read_records(out / mf.MANIFEST)) == 3  # batch.json, then 3 images before the disk "filled"
-    monkeypatch.setattr(mf, "write_atomic", real)
+    for module in (mf, batch_run):
+        monkeypatch.setattr(module, "write_atomic", real)
     status, err = run(capsys, prompt_file, "--out", out, "--model", model, *FAST)
     assert status == 0 and "11 made, 3 already done" in err
     assert check_folder(out) == check_folder(reference)

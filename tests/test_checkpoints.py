@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.checkpoint_infer import Hints, analyse
-from ldm.checkpoint_keys import UNET_PREFIX, ema_key, unet_keymaps, vae_keymaps
 from ldm.checkpoints import CheckpointError, describe, load, save_diffusers, save_single_file, sd_state_dict
+from ldm.checkpoints.infer import Hints, analyse
+from ldm.checkpoints.keys import UNET_PREFIX, ema_key, unet_keymaps, vae_keymaps
 from ldm.models.text import TextEncoder, TextEncoderConfig
+from ldm.assets import TOKENIZER_DIR
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import AutoencoderKL, VAEConfig
-from ldm.tokenizer import TOKENIZER_DIR
 from tiny_models import save_tiny_pipeline, tiny_unet_config, tiny_vae_config
 
 PROMPTS = ["a red apple", "a turtle playing basketball"]

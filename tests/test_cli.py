@@ -103,10 +103,10 @@ def test_mask_of_another_size_is_rejected_before_loading(capsys, tmp_path, monke
 
 
 def test_missing_default_model_says_how_to_pass_one(capsys, tmp_path, monkeypatch):
-    import ldm.pipeline
+    import ldm.assets
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ldm.pipeline, "DEFAULT_MODEL", tmp_path / "absent")
+    monkeypatch.setattr(ldm.assets, "DEFAULT_MODEL", tmp_path / "absent")
     status, _, err = run(capsys, "generate", "a turtle")
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "default model is not installed" in err and "--model PATH" in err

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import data as D
-from ldm.latent_cache import LatentCache
-from ldm.train_config import ConfigError, load_config
+from ldm.train import data as D
+from ldm.train.config import ConfigError, load_config
+from ldm.train.latent_cache import LatentCache
 
 
 def _png(path, color=(255, 0, 0), size=(16, 16), mode="RGB"):

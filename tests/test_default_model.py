@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ldm.pipeline
+import ldm.assets
 from ldm import Pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-FOLDER = ldm.pipeline.DEFAULT_MODEL
+FOLDER = ldm.assets.DEFAULT_MODEL
 LICENSES = FOLDER.parent / "licenses"
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import ldm
+import ldm.assets
 import ldm.pipeline
 from ldm import Pipeline
 from ldm.samplers import SAMPLERS
@@ -180,13 +181,13 @@ def test_bad_device_dtype_and_paths(folder, tmp_path):
 
 
 def test_default_model_missing_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr(ldm.pipeline, "DEFAULT_MODEL", tmp_path / "default")
+    monkeypatch.setattr(ldm.assets, "DEFAULT_MODEL", tmp_path / "default")
     with pytest.raises(ldm.pipeline.DefaultModelMissing, match=r"not installed.*Pipeline.from_pretrained\(PATH\)"):
         Pipeline()
 
 
 def test_default_model_loads_when_installed(monkeypatch, folder):
-    monkeypatch.setattr(ldm.pipeline, "DEFAULT_MODEL", folder)
+    monkeypatch.setattr(ldm.assets, "DEFAULT_MODEL", folder)
     image = Pipeline()(PROMPT, steps=2, seed=0, progress=False)[0]
     assert image.size == (16, 16)
 
@@ -267,16 +268,16 @@ def test_compile_is_opt_in(folder):
 
 
 def test_load_lora_delegates_to_ldm_lora(pipe, monkeypatch, tmp_path):
-    import ldm.lora
+    import ldm.pipeline.core
 
     calls = []
-    monkeypatch.setattr(ldm.lora, "load_lora", lambda *args: calls.append(args) or "handle")
+    monkeypatch.setattr(ldm.pipeline.core, "load_lora", lambda *args: calls.append(args) or "handle")
     assert pipe.load_lora(tmp_path / "style.safetensors", 0.5) == "handle"
     assert calls == [(pipe, tmp_path / "style.safetensors", 0.5)]
 
 
 def test_per_image_calls_keep_an_images_guidance_branches_together():
-    from ldm.pipeline import _PerImage
+    from ldm.pipeline.core import _PerImage
 
     calls = []
 

@@ -6,8 +6,8 @@ import json
 import pytest
 from PIL import Image, PngImagePlugin
 
-from ldm.png_info import (GenerationInfo, info_from_parameters, parse_parameters, read_png_info, save_png,
-                          weights_hash)
+from ldm.pipeline.png_info import (GenerationInfo, info_from_parameters, parse_parameters, read_png_info, save_png,
+                                   weights_hash)
 
 
 def _info(**kw):

@@ -4,8 +4,8 @@ import io
 
 import pytest
 
-from ldm.prompt_file import long_prompts, parse_prompts, read_prompt_file
-from ldm.tokenizer import bundled_tokenizer
+from ldm.batch.prompt_file import long_prompts, parse_prompts, read_prompt_file
+from ldm.models.tokenizer import bundled_tokenizer
 
 SAMPLERS = ("ddim", "dpmpp_2m", "euler", "euler_a")
 

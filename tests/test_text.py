@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.checkpoint_keys import convert_text
+from ldm.checkpoints.keys import convert_text
 from ldm.models.text import TextEncoder, TextEncoderConfig
-from ldm.tokenizer import TOKENIZER_DIR
+from ldm.assets import TOKENIZER_DIR
 from tiny_models import tiny_diffusers_pipeline, tiny_open_clip_config, tiny_text_encoder
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "Hello,   World! it's DONE's 2024 (v2)",

@@ -7,13 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from train_fixtures import TINY_VAE, make_shapes, make_vae, model_weights, unet_overrides
 
 from ldm.train import Trainer, train_main
-from ldm.train_config import load_config
+from ldm.train.config import load_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +37,7 @@ def _train(overrides, resume=False):
 @pytest.mark.slow
 def test_tiny_model_overfits_and_samples_its_training_images(shapes, tmp_path):
     from ldm import Pipeline
-    from ldm.data import Transform, scan
+    from ldm.train.data import Transform, scan
 
     data, vae = shapes
     run = tmp_path / "run"
@@ -60,7 +59,7 @@ def test_tiny_model_overfits_and_samples_its_training_images(shapes, tmp_path):
 
 
 def test_vae_stage_learns_and_measures_its_latent_scale(shapes, tmp_path):
-    from ldm.train_setup import load_vae
+    from ldm.train.build import load_vae
 
     data, _ = shapes
     run = tmp_path / "vae"

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from ldm.pipeline.visualize import forward_reverse, forward_reverse_figure
 from ldm.schedules import NoiseSchedule
-from ldm.visualize import forward_reverse, forward_reverse_figure
 from wiener import SIZE, smooth_fields, wiener
 
 TS = (0, 250, 500, 999)

@@ -70,7 +70,7 @@ def tiny_tokenizer(family: str = "sd1"):
     """The bundled CLIP tokenizer, padding as the family's diffusers tokenizer does."""
     from transformers import CLIPTokenizer
 
-    from ldm.tokenizer import TOKENIZER_DIR
+    from ldm.assets import TOKENIZER_DIR
 
     pad = {"sd1": "<|endoftext|>", "sd2": "!"}[family]
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token=pad, model_max_length=77)

@@ -38,9 +38,9 @@ def make_shapes(root: Path, size: int = 16) -> Path:
 
 def make_vae(folder: Path, data: Path) -> Path:
     """An untrained (seeded) tiny VAE with a measured latent scale, saved as a stage-"vae" output."""
-    from ldm.data import Transform, scan
+    from ldm.train.data import Transform, scan
     from ldm.models.vae import AutoencoderKL, VAEConfig
-    from ldm.train_setup import latent_scale, write_vae
+    from ldm.train.build import latent_scale, write_vae
 
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8,

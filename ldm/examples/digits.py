@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.ema import EMA
 from ldm.losses import diffusion_loss
 from ldm.rng import randn
 from ldm.schedules import NoiseSchedule, ScheduleConfig
+from ldm.train.ema import EMA
 
 CLASSES = 10
 NULL_CLASS = CLASSES  # the "no label" class of the denoiser: its unconditional branch

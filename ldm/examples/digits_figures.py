@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ldm.examples.digits import CLASSES, Judge
 from ldm.examples.digits_eval import DigitModels, SampleConfig, Setting, generate, guided
-from ldm.visualize import forward_reverse_figure
+from ldm.pipeline.visualize import forward_reverse_figure
 
 MARGIN = 0.8  # the light grey drawn between digits (in [-1, 1] pixel units)
 

@@ -1,4 +1,17 @@
-"""SD-family networks: the cross-attention U-Net, the KL autoencoder, and their attention layers."""
+"""SD-family networks, as plain ``nn.Module``s whose state-dict keys are diffusers' own.
+
+  unet           the cross-attention U-Net (SD 1.x / 2.x) and its typed config
+  blocks         ResNet blocks, down/up/mid stages, the timestep embedding
+  attention      self/cross attention, transformer blocks; backends sdpa (default), sliced, xformers
+  conv           the convolution with a CPU-prepacked weight (lean inference), token <-> feature-map reshapes
+  vae            the KL autoencoder (encode/decode, tiling)
+  text           the CLIP text encoder (transformers CLIP or OpenCLIP weights) behind one interface
+  tokenizer      the bundled CLIP BPE tokenizer and 77-token encoding
+  checkpointing  gradient checkpointing for any block
+
+Imports: torch, transformers/open_clip (text encoders), ``ldm.assets`` and the diffusion math only; never
+``checkpoints``, ``pipeline``, ``train``, ``batch`` or ``cli`` (a test checks this).
+"""
 
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from ..tokenizer import MAX_LENGTH, PAD_IDS, bundled_tokenizer, tokenize
+from ldm.models.tokenizer import MAX_LENGTH, PAD_IDS, bundled_tokenizer, tokenize
 
 BACKENDS = ("transformers", "open_clip")
 FAMILIES = tuple(PAD_IDS)

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import Components, load, save_diffusers
-from .model_info import ModelInfo
-from .models.text import TextEncoder, TextEncoderConfig
-from .models.unet import UNet, UNetConfig
-from .models.vae import AutoencoderKL, VAEConfig
-from .schedules import ScheduleConfig
-from .train_config import ConfigError, TrainConfig, suggest
+from ldm import assets
+from ldm.checkpoints import Components, load, save_diffusers
+from ldm.checkpoints.info import ModelInfo
+from ldm.checkpoints.tensor_io import write_json, write_safetensors
+from ldm.models.text import TextEncoder, TextEncoderConfig
+from ldm.models.unet import UNet, UNetConfig
+from ldm.models.vae import AutoencoderKL, VAEConfig
+from ldm.schedules import ScheduleConfig
+from ldm.train.config import ConfigError, TrainConfig, suggest
 
 DEFAULT_MODEL_NAME = "default"
 
@@ -67,8 +69,7 @@ def schedule_config(cfg: TrainConfig, base: ScheduleConfig | None = None) -> Sch
 def model_path(name: str) -> Path:
     """``"default"`` -> the shipped model's folder; anything else is a path."""
     if name == DEFAULT_MODEL_NAME:
-        from .pipeline import DEFAULT_MODEL
-        return DEFAULT_MODEL
+        return assets.DEFAULT_MODEL
     return Path(name)
 
 
@@ -136,8 +137,6 @@ def write_model(components: Components, cfg: TrainConfig, folder: Path) -> Path:
 
 def write_vae(vae: AutoencoderKL, folder: Path) -> Path:
     """``folder/vae/`` in the diffusers layout; stage "unet" reads it back through ``vae_from``."""
-    from .checkpoint_io import write_json, write_safetensors
-
     # weights first: a folder with config.json is whole (each file is itself written atomically)
     write_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors", vae.state_dict())
     write_json(folder / "vae" / "config.json", {"_class_name": "AutoencoderKL", **vae.config.to_dict()})

@@ -21,7 +21,6 @@ across batch sizes, so this is what makes "the same image" mean the same bytes.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -36,9 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import manifest as mf
-from .cli import UsageError, add_model_arguments, image_side, load_pipeline, number, positive_int, seed_int
-from .prompt_file import FORMATS, PromptFile, long_prompts, read_prompt_file
+from ldm.batch import manifest as mf
+from ldm.batch.prompt_file import PromptFile, long_prompts, read_prompt_file
+from ldm.files import check_writable, remove_temporaries, write_atomic
+from ldm.pipeline import load_pipeline
+from ldm.pipeline.png_info import JSON_KEY, PARAMETERS_KEY
+from ldm.samplers import get_sampler
 
 DEFAULT_BATCH_SIZE = 4
 SLUG_LENGTH = 60
@@ -47,29 +49,34 @@ GRID_CELL = 256  # the contact sheet's largest thumbnail side, in pixels
 _MASK64 = (1 << 64) - 1
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.usage = "%(prog)s PROMPT_FILE --out DIR [options]    (the same command again resumes)"
-    p.add_argument("prompt_file", metavar="PROMPT_FILE", help=".txt, .jsonl or .csv file, or - for stdin")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs, manifest.jsonl, batch.json")
-    p.add_argument("--format", choices=FORMATS, help="prompt file format (default: from the suffix)")
-    p.add_argument("--seed", type=seed_int, default=0, metavar="N",
-                   help="base seed for lines without their own (default 0)")
-    p.add_argument("--num", "--images", dest="num", type=positive_int, default=1, metavar="N",
-                   help="images per line (seeds s, s+1, ...); under torchrun write --images (it takes --num for "
-                        "its own --numa-binding)")
-    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt for lines without their own")
-    p.add_argument("--steps", type=positive_int, metavar="N")
-    p.add_argument("--guidance", type=number, metavar="G", help="classifier-free guidance scale")
-    p.add_argument("--sampler", default="dpmpp_2m", metavar="NAME")
-    p.add_argument("--height", type=image_side, metavar="H")
-    p.add_argument("--width", type=image_side, metavar="W")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
-                   help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--skip-invalid", action="store_true", help="leave out bad lines with a warning")
-    p.add_argument("--overwrite", action="store_true", help="start the folder's batch over")
-    p.add_argument("--grid", action="store_true", help=f"also write a contact sheet, DIR/{GRID}")
-    add_model_arguments(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+class BatchError(ValueError):
+    """A prompt file, plan or output folder that cannot be run; the message names the file, line or folder."""
+
+
+@dataclass
+class BatchOptions:
+    """What ``ldm batch`` was asked for (the CLI fills it from its flags; field names are the flags')."""
+
+    prompt_file: str                 # .txt / .jsonl / .csv, or "-" for standard input
+    out: str                         # folder for the PNGs, manifest.jsonl and batch.json
+    format: str | None = None        # prompt file format (None: from the suffix)
+    seed: int = 0                    # base seed of lines without their own
+    num: int = 1                     # images per line
+    negative: str = ""               # negative prompt of lines without their own
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str = "dpmpp_2m"
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    skip_invalid: bool = False       # leave out bad lines with a warning instead of refusing the file
+    overwrite: bool = False          # start the folder's batch over
+    grid: bool = False               # also write DIR/grid.png
+    quiet: bool = False              # no progress bar
+    model: str | None = None         # None: the shipped default model
+    device: str | None = None
+    dtype: str | None = None
+    vae_tiling: bool = False
 
 
 # ---------------------------------------------------------------------- the plan
@@ -132,39 +139,39 @@ def file_name(line: int, prompt: str, seed: int) -> str:
     return f"{line:05d}-{slug(prompt)}-{seed}.png"
 
 
-def make_plan(prompts: PromptFile, args, pipe) -> Plan:
+def make_plan(prompts: PromptFile, options: BatchOptions, pipe) -> Plan:
     """Items for every valid line × ``--num`` with resolved settings (the model's defaults filled in by
     ``pipe.request``, which also checks them), and the fixed batches."""
     items: list[Item] = []
     resolved: dict[tuple, Any] = {}
     for entry in prompts.lines:
         o = entry.options
-        wanted = (o.get("steps", args.steps), o.get("guidance", args.guidance), o.get("sampler", args.sampler),
-                  o.get("height", args.height), o.get("width", args.width))
+        wanted = (o.get("steps", options.steps), o.get("guidance", options.guidance), o.get("sampler", options.sampler),
+                  o.get("height", options.height), o.get("width", options.width))
         if wanted not in resolved:
             try:
                 resolved[wanted] = pipe.request("x", None, *wanted, seed=0)
             except ValueError as e:
-                raise UsageError(f"{prompts.source}:{entry.line}: {e}") from None
+                raise BatchError(f"{prompts.source}:{entry.line}: {e}") from None
         req = resolved[wanted]
-        first = o["seed"] if "seed" in o else line_seed(args.seed, entry.line)
-        if first + args.num > 2**64:
-            raise UsageError(f"{prompts.source}:{entry.line}: seed {first} + {args.num} images passes 2**64")
-        negative = o.get("negative_prompt", args.negative)
-        for k in range(args.num):
+        first = o["seed"] if "seed" in o else line_seed(options.seed, entry.line)
+        if first + options.num > 2**64:
+            raise BatchError(f"{prompts.source}:{entry.line}: seed {first} + {options.num} images passes 2**64")
+        negative = o.get("negative_prompt", options.negative)
+        for k in range(options.num):
             items.append(Item(entry.line, k, entry.prompt, negative, first + k, req.steps, req.guidance,
                               req.sampler, req.height, req.width, file_name(entry.line, entry.prompt, first + k)))
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(item.settings, []).append(i)
-    batches = [g[s:s + args.batch_size] for g in groups.values() for s in range(0, len(g), args.batch_size)]
+    batches = [g[s:s + options.batch_size] for g in groups.values() for s in range(0, len(g), options.batch_size)]
     batches.sort(key=lambda b: b[0])
-    return Plan(items, batches, _plan_record(prompts, args, pipe, items))
+    return Plan(items, batches, _plan_record(prompts, options, pipe, items))
 
 
-def _plan_record(prompts: PromptFile, args, pipe, items: list[Item]) -> dict[str, Any]:
-    settings = {"num": args.num, "seed": args.seed, "negative": args.negative, "steps": args.steps,
-                "guidance": args.guidance, "sampler": args.sampler, "height": args.height, "width": args.width,
+def _plan_record(prompts: PromptFile, options: BatchOptions, pipe, items: list[Item]) -> dict[str, Any]:
+    settings = {"num": options.num, "seed": options.seed, "negative": options.negative, "steps": options.steps,
+                "guidance": options.guidance, "sampler": options.sampler, "height": options.height, "width": options.width,
                 "model": pipe.model_hash or str(pipe.source), "dtype": str(pipe.dtype).removeprefix("torch.")}
     by_line: dict[str, list[dict]] = {}
     for item in items:
@@ -221,42 +228,44 @@ class World:
 
 
 # ---------------------------------------------------------------------- the command
-def run(args) -> int:
+def run_batch(options: BatchOptions) -> int:
+    """Draw every image of ``options.prompt_file`` into ``options.out`` that is not there yet; returns the exit
+    status (1 if some images failed with NaN/inf, else 0). Bad input raises ``BatchError`` before any model
+    loads; a rerun of the same call resumes."""
     world = World.from_environment()
-    if args.prompt_file == "-" and world.size > 1:
-        raise UsageError("reading prompts from stdin needs a single process; save them to a file")
-    from .samplers import get_sampler
-
-    get_sampler(args.sampler)  # a bad --sampler fails before the file is read
-    stdin = sys.stdin.buffer if args.prompt_file == "-" else None
-    prompts = read_prompt_file(args.prompt_file, args.format, stdin=stdin)
-    _report(prompts, args.skip_invalid, world.rank == 0)
+    if options.prompt_file == "-" and world.size > 1:
+        raise BatchError("reading prompts from stdin needs a single process; save them to a file")
+    get_sampler(options.sampler)  # a bad --sampler fails before the file is read
+    stdin = sys.stdin.buffer if options.prompt_file == "-" else None
+    prompts = read_prompt_file(options.prompt_file, options.format, stdin=stdin)
+    _report(prompts, options.skip_invalid, world.rank == 0)
     if not prompts.lines:
-        raise UsageError(f"{prompts.source}: no prompts to draw")
-    out = mf.check_writable(args.out)
-    if args.device == "cuda" and world.size > 1:  # one GPU per process
-        args.device = f"cuda:{world.local_rank}"
-    pipe = load_pipeline(args)
+        raise BatchError(f"{prompts.source}: no prompts to draw")
+    out = check_writable(options.out)
+    device = f"cuda:{world.local_rank}" if options.device == "cuda" and world.size > 1 else options.device
+    pipe = load_pipeline(options.model, device=device, dtype=options.dtype)  # one GPU per process
+    if options.vae_tiling:
+        pipe.enable_vae_tiling()
     if world.rank == 0:     # a small model's text encoder may read fewer tokens than CLIP's 75
         for problem in long_prompts(prompts, pipe.text_encoder.tokenizer, pipe.text_encoder.max_length - 2):
             _warn(problem)
-    plan = make_plan(prompts, args, pipe)
-    previous = None if args.overwrite else _previous_plan(out)
+    plan = make_plan(prompts, options, pipe)
+    previous = None if options.overwrite else _previous_plan(out)
     if previous is not None and _comparable(previous) != _comparable(plan.record):
         change = mf.describe_change(previous, plan.record)
-        raise UsageError(f"{out} holds a batch made from a different plan ({change}); pass --overwrite to start "
+        raise BatchError(f"{out} holds a batch made from a different plan ({change}); pass --overwrite to start "
                          "over, or choose another --out")
     world.start()
     try:
         if world.rank == 0:
-            _prepare(out, plan, args.overwrite)
+            _prepare(out, plan, options.overwrite)
         world.barrier()
-        made, skipped, failed = _generate(pipe, plan, out, world, args.quiet)
+        made, skipped, failed = _generate(pipe, plan, out, world, options.quiet)
         world.barrier()
         made, skipped, failed = world.total([made, skipped, failed])
         if world.rank == 0:
             records = mf.merge(out, _record_key)
-            if args.grid:
+            if options.grid:
                 _contact_sheet(out, [r["file"] for r in records])
             invalid = f", {len(prompts.errors)} invalid lines left out" if prompts.errors else ""
             print(f"ldm batch: {len(plan.items)} images: {made} made, {skipped} already done, {failed} failed"
@@ -279,14 +288,14 @@ def _report(prompts: PromptFile, skip_invalid: bool, speak: bool) -> None:
                 print(f"{problem}", file=sys.stderr)
     if prompts.errors and not skip_invalid:
         n = len(prompts.errors)
-        raise UsageError(f"{n} invalid line{'s' if n > 1 else ''} in {prompts.source} (listed above); fix "
+        raise BatchError(f"{n} invalid line{'s' if n > 1 else ''} in {prompts.source} (listed above); fix "
                          f"{'them' if n > 1 else 'it'} or pass --skip-invalid to leave {'them' if n > 1 else 'it'} out")
 
 
 def _previous_plan(out: Path) -> dict | None:
     plan = mf.load_plan(out)
     if plan is None and mf.read_records(out / mf.MANIFEST):
-        raise UsageError(f"{out} has a {mf.MANIFEST} but no {mf.PLAN}; pass --overwrite to start over")
+        raise BatchError(f"{out} has a {mf.MANIFEST} but no {mf.PLAN}; pass --overwrite to start over")
     if plan is not None:
         plan.pop("version", None)
     return plan
@@ -314,7 +323,7 @@ def _prepare(out: Path, plan: Plan, overwrite: bool) -> None:
             (out / name).unlink(missing_ok=True)
         for part in out.glob("manifest.rank*.jsonl"):
             part.unlink()
-    mf.remove_temporaries(out)
+    remove_temporaries(out)
     mf.merge(out, _record_key)
     mf.save_plan(out, plan.record)
 
@@ -390,15 +399,13 @@ def _write_image(path: Path, item: Item, image) -> dict[str, Any]:
     """The PNG (metadata included) written atomically; returns its manifest record."""
     from PIL import PngImagePlugin
 
-    from .png_info import JSON_KEY, PARAMETERS_KEY
-
     chunks = PngImagePlugin.PngInfo()
     for key in (PARAMETERS_KEY, JSON_KEY):
         chunks.add_text(key, image.info[key])
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=chunks)
     data = buffer.getvalue()
-    mf.write_atomic(path, data)
+    write_atomic(path, data)
     return {**asdict(item), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
@@ -422,4 +429,4 @@ def _contact_sheet(out: Path, files: list[str]) -> None:
         sheet.paste(thumb, (c * cell_w + (cell_w - thumb.width) // 2, r * cell_h + (cell_h - thumb.height) // 2))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
-    mf.write_atomic(out / GRID, buffer.getvalue())
+    write_atomic(out / GRID, buffer.getvalue())

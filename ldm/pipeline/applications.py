@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import images as img
+from ldm.pipeline import images as img
 
 # keyword options that run a request rather than describe it
 _RUN_OPTIONS = ("callback", "progress", "output_type")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from ldm.checkpoints.tensor_io import read_safetensors, write_safetensors
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -97,8 +98,6 @@ def lora_state_dict(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 def save_lora(path: str | Path, models: dict[str, nn.Module]) -> Path:
     """Write the adapters of ``models`` (at least one must have some) to a safetensors file, atomically."""
-    from .checkpoint_io import write_safetensors
-
     tensors = lora_state_dict(models)
     if not tensors:
         raise ValueError("save_lora: the models carry no LoRA adapters")
@@ -112,8 +111,6 @@ def save_lora(path: str | Path, models: dict[str, nn.Module]) -> Path:
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float]:
     """(tensors, rank, alpha) of a file written by :func:`save_lora`."""
-    from .checkpoint_io import read_safetensors
-
     tensors, meta = read_safetensors(path, "LoRA file")
     if "ldm.lora.rank" not in meta:
         raise ValueError(f"{path} is not an ldm LoRA file (no ldm.lora.rank metadata)")

@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint_io import CheckpointError
-from .checkpoint_keys import (CLIP_PREFIX, CLIP_PREFIX_OLD, EMA_BOOKKEEPING, EMA_PREFIX, OPEN_CLIP_PREFIX,
-                              UNET_PREFIX, VAE_PREFIX)
-from .models.text import TextEncoderConfig
+from ldm.checkpoints.keys import (CLIP_PREFIX, CLIP_PREFIX_OLD, EMA_BOOKKEEPING, EMA_PREFIX, OPEN_CLIP_PREFIX,
+                                  UNET_PREFIX, VAE_PREFIX)
+from ldm.checkpoints.tensor_io import CheckpointError
+from ldm.models.text import TextEncoderConfig
 
 CROSS_DOWN, PLAIN_DOWN, CROSS_UP, PLAIN_UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 HEAD_CHANNELS = 64               # SD 2.x U-Net (num_head_channels: 64) and both CLIP text towers

@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from ldm.pipeline import images as img
+from ldm.samplers import get_sampler
 
 DEFAULT_TIMESTEPS = (0, 100, 250, 500, 750, 999)
 
@@ -42,8 +44,6 @@ def forward_reverse(schedule, denoiser: Callable, x0: torch.Tensor, *, timesteps
     in the denoiser's space. forward[k] ~ q(x_t | x0) at t_k (one noise draw for all t); reverse[k]: a sampler
     run from pure noise at the largest t, stopped at each t_k (at σ = 0 for t = 0: the finished sample), with
     ``steps`` sampler steps shared between the gaps in proportion to their length in t."""
-    from .samplers import get_sampler
-
     ts = sorted({int(t) for t in timesteps})
     if not ts or ts[0] < 0 or ts[-1] >= schedule.num_timesteps:
         raise ValueError(f"timesteps must lie in [0, {schedule.num_timesteps - 1}], got {list(timesteps)}")
@@ -73,8 +73,6 @@ def pipeline_figure(pipe, prompt: str, image=None, *, timesteps: Sequence[int] =
                     cell: int = 128, labels: bool = True) -> Image.Image:
     """The figure for a latent ``Pipeline``: the forward row noises ``image`` (default: the pipeline's own
     picture of ``prompt`` at ``seed``) in latent space; the reverse row samples ``prompt`` with guidance."""
-    from . import images as img
-
     req = pipe.request(prompt, guidance=guidance, sampler=sampler, seed=seed)
     if image is None:
         image = pipe(prompt, guidance=guidance, sampler=sampler, seed=seed, steps=steps, progress=False)[0]

@@ -31,6 +31,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from ldm.models.tokenizer import bundled_tokenizer
+from ldm.samplers import SAMPLERS
 
 FORMATS = ("txt", "jsonl", "csv")
 SUFFIXES = {".txt": "txt", ".prompts": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -120,8 +122,6 @@ def parse_prompts(data: bytes, source: str, fmt: str | None = None, *, samplers:
     """Check every line of a prompt file's bytes; see the module docstring for the formats. ``fmt`` None: the
     suffix of ``source`` decides, else the content (a first line starting with ``{`` means jsonl)."""
     if samplers is None:
-        from .samplers import SAMPLERS
-
         samplers = tuple(SAMPLERS)
     result = PromptFile(source, "", [], [], [], hashlib.sha256(data).hexdigest())
     lines = _decode_lines(data, result)
@@ -331,8 +331,6 @@ class _Checker:
         if len(prompt) < 2 * TOKEN_LIMIT:  # every CLIP token covers at least one character... usually more
             return
         if self._tokenizer is None:
-            from .tokenizer import bundled_tokenizer
-
             self._tokenizer = bundled_tokenizer()
         problem = _long_prompt(self._tokenizer, self.result.source, line, prompt, TOKEN_LIMIT)
         if problem is not None:

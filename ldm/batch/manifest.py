@@ -1,6 +1,6 @@
 """The files of a batch run that must survive a kill at any moment: atomic writes, the manifest, the plan record.
 
-* :func:`write_atomic` puts bytes under their final name only when they are complete and on disk
+* ``ldm.files.write_atomic`` puts bytes under their final name only when they are complete and on disk
   (temporary file in the same folder, fsync, rename, fsync of the folder).
 * ``manifest.jsonl`` holds one JSON line per finished image. A process appends a record only after the image's
   rename is durable, with one ``write`` + fsync, so a record never names a missing or partial file. A kill can
@@ -16,81 +16,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ldm.files import write_atomic
+
 MANIFEST = "manifest.jsonl"
 PLAN = "batch.json"
-TMP_SUFFIX = ".ldm-tmp"  # only files with this suffix (and a leading dot) are ever cleaned up
 PLAN_VERSION = 1
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``, even after a
-    crash: temporary file in the same folder, flush + fsync, rename over ``path``, fsync of the folder. On any
-    error (a full disk: ENOSPC) the temporary file is removed and the error raised."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a finished file gets the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make a rename inside ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_temporaries(folder: str | os.PathLike) -> int:
-    """Delete the temporary files a killed writer left in ``folder``; returns how many."""
-    count = 0
-    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            count += 1
-    return count
-
-
-def check_writable(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and prove that a file can be written there; ValueError naming it if not."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=TMP_SUFFIX, dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except FileExistsError:
-        raise ValueError(f"output folder {str(folder)!r} is a file") from None
-    except OSError as e:
-        raise ValueError(f"cannot write to output folder {str(folder)!r}: {e.strerror or e}") from None
-    return folder
 
 
 class ManifestWriter:

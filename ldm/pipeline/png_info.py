@@ -17,12 +17,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
+
+from ldm.files import atomic_path
 
 PARAMETERS_KEY = "parameters"
 JSON_KEY = "ldm"
@@ -179,8 +180,8 @@ def attach(image: Image.Image, info: GenerationInfo) -> Image.Image:
 def save_png(image: Image.Image, path: str | os.PathLike, info: GenerationInfo | None = None) -> Path:
     """Write a PNG with both metadata chunks (from ``info``, else from ``image.info``), atomically.
 
-    The bytes go to a temporary file in the destination folder that is then renamed, so a killed process never
-    leaves a half-written image under the final name.
+    The bytes go to a temporary file in the destination folder that is then renamed (``ldm.files``), so a killed
+    process never leaves a half-written image under the final name, and the file gets the umask's usual mode.
     """
     path = Path(path)
     if info is not None:
@@ -189,15 +190,8 @@ def save_png(image: Image.Image, path: str | os.PathLike, info: GenerationInfo |
     for key in (PARAMETERS_KEY, JSON_KEY):
         if key in image.info:
             chunks.add_text(key, image.info[key])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=chunks)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=chunks)
     return path
 
 

@@ -28,9 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as D
-from . import train_checkpoint as ckpt
-from .train_config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from ldm.models.vae import AutoencoderKL
+from ldm.train import checkpoint as ckpt, data as D
+from ldm.train.build import build_components, vae_config
+from ldm.train.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from ldm.train.latent_cache import LatentCache
+from ldm.train.stages import UNetStage, VAEStage, make_ema
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +119,6 @@ class Trainer:
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                            fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        from .train_stages import make_ema
         self.ema = make_ema(cfg, self.module)
         self.model, self.optimizer = self.acc.prepare(self.module, self.optimizer)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -130,12 +132,8 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------------------
     def _build_stage(self):
-        from .train_stages import UNetStage, VAEStage
-        from .train_setup import build_components, vae_config
-
         cfg = self.cfg
         if cfg.stage == "vae":
-            from .models.vae import AutoencoderKL
             vae = AutoencoderKL(vae_config(cfg))
             self._make_data(multiple=vae.config.downscale, vae=None)
             return VAEStage(cfg, vae)
@@ -151,7 +149,6 @@ class Trainer:
                                 scale=cfg.augment_scale, fill=cfg.augment_fill)
         latents = None
         if vae is not None and cfg.cache_latents:
-            from .latent_cache import LatentCache
             folder = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
             vae.to(self.device).eval()
             latents = LatentCache(folder, vae, transform, cfg.augment_variants).prepare(
@@ -319,6 +316,3 @@ def _tensorboard(folder: Path):
         return None
     return SummaryWriter(str(folder))
 
-
-if __name__ == "__main__":
-    sys.exit(train_main())

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+from ldm import assets
+
 MAX_LENGTH = 77                       # CLIP's context: <|startoftext|> + 75 tokens + <|endoftext|>
 END_OF_TEXT_ID = 49407
 PAD_IDS = {"sd1": END_OF_TEXT_ID, "sd2": 0}
@@ -22,7 +23,7 @@ PAD_IDS = {"sd1": END_OF_TEXT_ID, "sd2": 0}
 
 def bundled_tokenizer() -> CLIPTokenizer:
     """The CLIP tokenizer built from the files shipped with ldm (no network)."""
-    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True, model_max_length=MAX_LENGTH)
+    return CLIPTokenizer.from_pretrained(str(assets.TOKENIZER_DIR), local_files_only=True, model_max_length=MAX_LENGTH)
 
 
 def load_tokenizer(folder: str | Path) -> CLIPTokenizer:

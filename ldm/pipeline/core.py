@@ -24,12 +24,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import images as img
-from .applications import Applications
-from .devices import dtype_name, resolve_device, resolve_dtype
-from .png_info import GenerationInfo, attach, weights_hash
+from ldm import assets
+from ldm.checkpoints import load, save_diffusers
+from ldm.checkpoints.lora import load_lora
+from ldm.denoiser import Denoiser
+from ldm.devices import dtype_name, resolve_device, resolve_dtype
+from ldm.guidance import classifier_free, conditioned
+from ldm.models.conv import pack_for_inference, unpack
+from ldm.pipeline import images as img
+from ldm.pipeline.applications import Applications
+from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
+from ldm.rng import generators_for, randn
+from ldm.samplers import get_sampler
+from ldm.schedules import NoiseSchedule
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
 # Stable Diffusion's usual settings, for what a model's Components.defaults (its ldm.json) does not say. Keys read
 # here: steps, guidance, size or height/width; the CLI also takes sampler and spacing from them.
 SD_DEFAULTS = {"steps": 30, "guidance": 7.5}
@@ -77,10 +85,8 @@ class Pipeline(Applications):
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.vae_dtype = resolve_dtype(vae_dtype)
         if components is None:
-            components, source = _load_default(), DEFAULT_MODEL
+            components, source = _load_default(), assets.DEFAULT_MODEL
             lean = True if lean is None else lean
-        from .schedules import NoiseSchedule
-
         self.components = components
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
         for module, dt in ((self.unet, self.dtype), (self.text_encoder, self.dtype), (self.vae, self.vae_dtype)):
@@ -101,8 +107,6 @@ class Pipeline(Applications):
     def set_lean(self, lean: bool) -> Pipeline:
         """Keep only the packed copy of the U-Net's and VAE's convolution weights (True), or both copies and the
         plain weights always in place (False); see ``__init__``. Returns self."""
-        from .models.conv import pack_for_inference, unpack
-
         for module in (self.unet, self.vae):
             (pack_for_inference if lean else unpack)(module)
         self.lean = lean
@@ -117,8 +121,6 @@ class Pipeline(Applications):
             raise ValueError(f"model {str(path)!r} does not exist (pass an SD .safetensors/.ckpt file or a "
                              "diffusers/ldm model folder)")
         resolve_device(device), resolve_dtype(dtype)  # fail on a bad name before loading gigabytes
-        from .checkpoints import load
-
         return cls(load(path), device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path,
                    lean=lean)
 
@@ -157,8 +159,6 @@ class Pipeline(Applications):
                 width=None, seed=None, num_images_per_prompt=1, eta=0.0, guidance_rescale=0.0, clip_skip=None,
                 spacing=None, output_type="pil") -> Request:
         """Check every argument and fill the model's defaults; raises ValueError naming the bad value."""
-        from .samplers import get_sampler
-
         prompts = _as_prompts(prompt, "prompt")
         n = _positive_int(num_images_per_prompt, "num_images_per_prompt")
         negatives = [""] * len(prompts) if negative_prompt is None else _as_prompts(negative_prompt, "negative_prompt")
@@ -196,14 +196,10 @@ class Pipeline(Applications):
         return self.unet.config.in_channels == 2 * self.latent_channels + 1
 
     def generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
-        from .rng import generators_for
-
         return generators_for(seeds)
 
     def noise(self, shape, generators) -> torch.Tensor:
         """N(0, I) drawn on the CPU, row i from generators[i] only (so image i ignores the batch)."""
-        from .rng import randn
-
         return randn(shape, generators, device=self.device, dtype=torch.float32)
 
     def sigmas(self, req: Request) -> torch.Tensor:
@@ -238,8 +234,6 @@ class Pipeline(Applications):
         """D(x, σ, context, ...) -> x0 around the U-Net (the 9-channel one concatenates its extra inputs).
         ``blocks``: how many stacked copies of the image batch one call carries (2 under classifier-free
         guidance, [uncond; cond]); in batch-invariant mode an image's rows from every block run together."""
-        from .denoiser import Denoiser
-
         network = _InpaintingInput(self._network) if self.is_inpainting_model else self._network
         if self.batch_invariant:
             network = _PerImage(network, blocks)
@@ -247,8 +241,6 @@ class Pipeline(Applications):
 
     def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
         """Classifier-free guidance over the denoiser; the unconditional context is encoded once per call."""
-        from .guidance import classifier_free, conditioned
-
         extra = {k: v.to(self.device, self.dtype) for k, v in (extra or {}).items()}
         cond = {"context": self.encode_prompts(req.prompts, req.clip_skip), **extra}
         if req.guidance == 1.0:
@@ -258,8 +250,6 @@ class Pipeline(Applications):
 
     def sample(self, denoiser, x, sigmas, req: Request, generators, callback=None, progress=True) -> torch.Tensor:
         """Run the sampler from x at sigmas[0]; returns the VP sample (x / sqrt(1 + σ_last²) if σ_last > 0)."""
-        from .samplers import get_sampler
-
         fn = get_sampler(req.sampler)
         options = {"eta": req.eta} if req.eta else {}  # eta 0 leaves ancestral/SDE samplers at their default
         steps = len(sigmas) - 1
@@ -359,15 +349,11 @@ class Pipeline(Applications):
     def save_pretrained(self, folder) -> Path:
         """A diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, scheduler/) that both
         ``Pipeline.from_pretrained`` and diffusers load."""
-        from .checkpoints import save_diffusers
-
         save_diffusers(self.components, folder)
         return Path(folder)
 
     def load_lora(self, path, scale: float = 1.0):
         """Apply a LoRA file (made by ``ldm train --lora``) at ``scale``; implemented by ``ldm.lora``."""
-        from .lora import load_lora
-
         return load_lora(self, path, scale)
 
 
@@ -403,15 +389,23 @@ class _PerImage(torch.nn.Module):
         return torch.stack(outs, dim=1).flatten(0, 1)
 
 
+def load_pipeline(model=None, device=None, dtype=None, **kwargs) -> Pipeline:
+    """The Pipeline for ``model`` (a path; None: the shipped default), the way the CLI, batch and server load
+    one. Device and dtype names are checked before any weights load."""
+    resolve_device(device), resolve_dtype(dtype)
+    if model is None:
+        return Pipeline(device=device, dtype=dtype, **kwargs)
+    return Pipeline.from_pretrained(model, device=device, dtype=dtype, **kwargs)
+
+
 def _load_default():
-    if not (DEFAULT_MODEL / "model_index.json").is_file():
+    folder = assets.DEFAULT_MODEL
+    if not (folder / "model_index.json").is_file():
         raise DefaultModelMissing(
-            f"the default model is not installed (expected a diffusers folder at {DEFAULT_MODEL}); pass a model "
+            f"the default model is not installed (expected a diffusers folder at {folder}); pass a model "
             "instead: Pipeline.from_pretrained(PATH) or `ldm generate --model PATH ...`, where PATH is an SD "
             ".safetensors/.ckpt file or a diffusers model folder")
-    from .checkpoints import load
-
-    return load(DEFAULT_MODEL)
+    return load(folder)
 
 
 def _as_prompts(value, name: str) -> list[str]:

@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import losses
-from .checkpoints import Components
-from .data import generator
-from .ema import EMA
-from .images import to_pil, to_unit
-from .lora import TEXT_TARGETS, UNET_TARGETS, adapters, add_lora, lora_state_dict, save_lora
-from .rng import randn
-from .schedules import NoiseSchedule
-from .train_config import TrainConfig
-from .train_setup import latent_scale, write_model, write_vae
+from ldm import losses
+from ldm.checkpoints import Components
+from ldm.checkpoints.lora import TEXT_TARGETS, UNET_TARGETS, adapters, add_lora, lora_state_dict, save_lora
+from ldm.pipeline import Pipeline
+from ldm.pipeline.images import to_pil, to_unit
+from ldm.rng import randn
+from ldm.schedules import NoiseSchedule
+from ldm.train.build import latent_scale, write_model, write_vae
+from ldm.train.config import TrainConfig
+from ldm.train.data import generator
+from ldm.train.ema import EMA
 
 
 def grid(images: list, columns: int):
@@ -213,8 +214,6 @@ class UNetStage:
     @contextlib.contextmanager
     def _pipeline(self, module: DiffusionModel):
         """A Pipeline over the live networks (no copies); their requires_grad flags come back afterwards."""
-        from .pipeline import Pipeline
-
         flags = [(p, p.requires_grad) for p in module.parameters()]
         c = self.components
         comps = Components(module.unet, self.vae, module.text_encoder, c.schedule, c.info, vars(self.cfg.defaults))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import Record, Transform, derive_seed, generator
+from ldm.train.data import Record, Transform, derive_seed, generator
 
 BATCH_IMAGES = 32   # pixel images per VAE call while filling the cache
 

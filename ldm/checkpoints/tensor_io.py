@@ -1,4 +1,4 @@
-"""Reading and writing tensor files safely: safetensors, ``torch.load(weights_only=True)``, atomic writes.
+"""Reading and writing tensor files safely: safetensors, ``torch.load(weights_only=True)``, atomic writes (``ldm.files``).
 
 Nothing here unpickles code: ``.ckpt`` / ``.bin`` files go through PyTorch's weights-only unpickler, which
 refuses any global outside a small allow-list of tensor and container types, and we report what it refused.
@@ -6,16 +6,15 @@ refuses any global outside a small allow-list of tensor and container types, and
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import struct
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from ldm.files import atomic_path
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # safetensors dtype names -> bytes per element (safetensors format spec, github.com/huggingface/safetensors)
@@ -149,20 +148,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json(path: Path, data: dict) -> None:

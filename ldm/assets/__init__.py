@@ -1,0 +1,11 @@
+"""Files that ship inside the package: the default model, the CLIP BPE tokenizer files, and their licences.
+
+Callers read these paths as attributes (``assets.DEFAULT_MODEL``) when they need them, so a test can point
+them elsewhere with one ``monkeypatch.setattr(ldm.assets, "DEFAULT_MODEL", ...)``.
+"""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "default"        # a diffusers folder: ldm's own emoji model (docs/default-model.md)
+TOKENIZER_DIR = ROOT / "tokenizer"      # vocab.json + merges.txt of OpenAI's CLIP BPE

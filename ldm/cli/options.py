@@ -1,0 +1,61 @@
+"""What every ``ldm`` command shares: the usage error, the ``--model / --device / --dtype`` flags, and argparse
+types that check a value where it is typed (a size that is not a multiple of 8, a negative seed, ...)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(Exception):
+    """Raised by a command for a bad combination of arguments; reported as one line, exit status 2."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    parser.add_argument("--model", metavar="PATH", help="SD .safetensors/.ckpt file or diffusers folder "
+                        "(default: the shipped model)")
+    parser.add_argument("--device", metavar="D", help="cpu (default), cuda, cuda:N, mps")
+    if dtype:
+        parser.add_argument("--dtype", metavar="T", help="float32 (default), float16, bfloat16")
+
+
+def pipeline_from(args, **kwargs):
+    """The Pipeline for ``--model/--device/--dtype`` (names are checked before any weights load)."""
+    from ldm.pipeline import load_pipeline  # only the commands that draw pay for importing torch
+
+    return load_pipeline(args.model, device=args.device, dtype=getattr(args, "dtype", None), **kwargs)
+
+
+def _parsed(text: str, kind, label: str = ""):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{label}{text!r} is not {'an integer' if kind is int else 'a number'}") \
+            from None
+
+
+def positive_int(text: str) -> int:
+    value = _parsed(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = _parsed(text, int, "seed ")
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"seed {value} is outside [0, 2**64)")
+    return value
+
+
+def image_side(text: str) -> int:
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 (try {max(8, value // 8 * 8)})")
+    return value
+
+
+def number(text: str) -> float:
+    value = _parsed(text, float)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
