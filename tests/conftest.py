@@ -1,7 +1,17 @@
-"""Shared pytest fixtures (generic; opt in per module)."""
+"""Shared pytest fixtures (generic; opt in per module).
+
+Tests live in one folder per ldm package (tests/models/ for ldm/models/, ...; tests/diffusion/ for the math at the
+top of ldm/). The helpers they share (tiny_models.py, gaussian.py, ...) sit here, beside this file, which puts
+this folder on sys.path for them.
+"""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from ldm.train import Trainer, train_main
 from ldm.train.config import load_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from ldm.examples.digits_eval import (SampleConfig, Setting, evaluate, guided, r
 TINY = DigitsConfig(width=128, blocks=2, denoiser_steps=400, classifier_steps=250, batch_size=128, lr=3e-3,
                     ema_decay=0.98)
 SAMPLING = SampleConfig("dpmpp_2m", steps=12)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from tiny_models import save_tiny_pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import export_default  # noqa: E402
 
 from ldm.checkpoints import load  # noqa: E402

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ldm.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(capsys, *argv):

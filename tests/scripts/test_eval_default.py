@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from tiny_models import save_tiny_pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import contact_sheet as cs  # noqa: E402
 import emoji_judge as ej  # noqa: E402
 import eval_default as ev  # noqa: E402

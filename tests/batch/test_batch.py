@@ -22,7 +22,7 @@ from ldm.cli import main
 from ldm.pipeline.png_info import read_png_info
 from tiny_models import save_tiny_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 7 lines, mixed settings (a 24-pixel-wide line cannot share a batch), explicit and derived seeds
 PROMPTS = ("a red apple\n"
            "# a comment, then a blank line\n"
