@@ -141,3 +141,12 @@ def median(values) -> float:
 
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has native bf16 matrix units (every benchmark table names its CPU)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                "unknown CPU")
+    flags = [f for f in ("amx_bf16", "avx512_bf16") if f in text.split()]
+    return f"{name} ({', '.join(flags) if flags else 'no native bf16'})"

@@ -9,3 +9,4 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "default"        # a diffusers folder: ldm's own emoji model (docs/default-model.md)
 TOKENIZER_DIR = ROOT / "tokenizer"      # vocab.json + merges.txt of OpenAI's CLIP BPE
+DEFAULT_MODEL_NAME = "ldm-default"      # how images made with DEFAULT_MODEL name it in their metadata

@@ -99,7 +99,7 @@ def _resolve(target: str, command: str):
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
-    if isinstance(error, KeyError):  # str(KeyError('x')) is "'x'"
+    if isinstance(error, KeyError) and type(error).__str__ is KeyError.__str__:  # str(KeyError('x')) is "'x'"
         text = f"missing key {text}"
     return text
 

@@ -8,6 +8,7 @@ import re
 import warnings
 from pathlib import Path
 
+from ldm import assets
 from ldm.cli.options import UsageError, add_model_arguments, image_side, number, pipeline_from, positive_int, seed_int
 
 
@@ -98,8 +99,25 @@ def _fill_from_png(args, recorded) -> None:
             setattr(args, flag, value)
     if args.strength is None and recorded.extra.get("strength") is not None:
         args.strength = float(recorded.extra["strength"])
-    if args.model is None and recorded.model and Path(recorded.model).exists():
-        args.model = recorded.model
+    if args.model is None:
+        args.model = _recorded_model(args.from_png, recorded)
+
+
+def _recorded_model(png: str, recorded) -> str | None:
+    """The model a PNG names, when it can be found without ``--model``: the shipped default (by its hash or
+    name), or a path that exists (PNGs from ldm before 0.2 stored one). Anything else needs ``--model``."""
+    from ldm.pipeline.png_info import weights_hash
+
+    if recorded.model is None and recorded.model_hash is None:
+        return None
+    if recorded.model_hash == weights_hash(assets.DEFAULT_MODEL) or (
+            recorded.model_hash is None and recorded.model == assets.DEFAULT_MODEL_NAME):
+        return None
+    if recorded.model and Path(recorded.model).exists():
+        return recorded.model
+    hash_note = f" (hash {recorded.model_hash})" if recorded.model_hash else ""
+    raise UsageError(f"{png} was made with model {recorded.model or 'unnamed'!r}{hash_note}, not the shipped "
+                     "default; pass --model PATH to that model")
 
 
 def _output_paths(args) -> list[Path] | None:

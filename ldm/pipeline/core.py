@@ -33,6 +33,7 @@ from ldm.guidance import classifier_free, conditioned
 from ldm.models.conv import pack_for_inference, unpack
 from ldm.pipeline import images as img
 from ldm.pipeline.applications import Applications
+from ldm.pipeline.memory import check_memory
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
 from ldm.rng import generators_for, randn
 from ldm.samplers import get_sampler
@@ -186,8 +187,10 @@ class Pipeline(Applications):
             _positive_int(clip_skip, "clip_skip")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        return Request(prompts, negatives, _as_seeds(seed, len(prompts)), steps, guidance, sampler, spacing, eta,
-                       height, width, float(guidance_rescale), clip_skip)
+        req = Request(prompts, negatives, _as_seeds(seed, len(prompts)), steps, guidance, sampler, spacing, eta,
+                      height, width, float(guidance_rescale), clip_skip)
+        check_memory(self, req)  # a request too big for the machine is refused here, not by the OOM killer
+        return req
 
     # ------------------------------------------------------------------ the pieces of the data path
     @property
@@ -306,8 +309,18 @@ class Pipeline(Applications):
             prompt=req.prompts[i], negative_prompt=req.negatives[i], seed=req.seeds[i], steps=req.steps,
             sampler=req.sampler, guidance=req.guidance, width=req.width, height=req.height, spacing=req.spacing,
             eta=req.eta, guidance_rescale=req.guidance_rescale, clip_skip=req.clip_skip,
-            model=str(self.source) if self.source else None, model_hash=self.model_hash,
+            model=self.model_name, model_hash=self.model_hash,
             dtype=dtype_name(self.dtype), extra={k: v for k, v in extra.items() if v is not None})
+
+    @property
+    def model_name(self) -> str | None:
+        """The model's name as A1111 records it (a file's stem, a folder's name; never a path, which would leak the
+        user's folders into every shared image); None for models built in memory."""
+        if self.source is None:
+            return None
+        if self.source.resolve() == assets.DEFAULT_MODEL.resolve():
+            return assets.DEFAULT_MODEL_NAME
+        return self.source.stem if self.source.is_file() else self.source.name
 
     @functools.cached_property
     def model_hash(self) -> str | None:

@@ -64,7 +64,7 @@ class GenerationInfo:
     eta: float = 0.0
     guidance_rescale: float = 0.0
     clip_skip: int | None = None
-    model: str | None = None  # a name or path, informative only
+    model: str | None = None  # the model's name (file stem or folder name, never a path), informative only
     model_hash: str | None = None  # weights_hash() of the model
     dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # mode-specific facts (strength, ...) and foreign keys
@@ -93,7 +93,7 @@ class GenerationInfo:
         if self.model_hash:
             pairs.append(("Model hash", self.model_hash))
         if self.model:
-            pairs.append(("Model", Path(self.model).name or self.model))
+            pairs.append(("Model", self.model))
         if self.clip_skip:
             pairs.append(("Clip skip", self.clip_skip))
         if self.eta:

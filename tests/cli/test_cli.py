@@ -85,6 +85,7 @@ def test_unknown_sampler_lists_known_ones(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     line = one_line_error(capsys, "generate", "x", "--sampler", "warp_drive", match="warp_drive")
     assert "dpmpp_2m" in line and "ddim" in line
+    assert line.startswith("ldm generate: error: unknown sampler 'warp_drive'"), line  # no KeyError text leaks in
 
 
 def test_not_an_image_is_reported(capsys, tmp_path, monkeypatch):
@@ -139,12 +140,17 @@ def test_generate_writes_pngs_with_metadata_and_from_png_redoes_them(capsys, tmp
         ("a turtle, playing: basketball", 12, "euler_a", 5.0)
     assert settings["model_hash"] and len(settings["model_hash"]) == 10
 
+    assert settings["model"] == "model" and str(tmp_path) not in im.info["parameters"] + im.info["ldm"]
+    # the PNG names its model but holds no path: it is found again with --model
+    line = one_line_error(capsys, "generate", "--from-png", str(tmp_path / "t-1.png"), "-o", str(tmp_path / "x.png"),
+                          match="was made with model 'model' (hash ")
+    assert "pass --model PATH" in line
     status, out, err = run(capsys, "generate", "--from-png", str(tmp_path / "t-1.png"), "-o",
-                           str(tmp_path / "again.png"), "-q")  # the model path is taken from the PNG too
+                           str(tmp_path / "again.png"), "--model", model, "-q")
     assert status == 0, err
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "t-1.png"))  # bitwise the same
     status, _, err = run(capsys, "generate", "--from-png", str(tmp_path / "t-1.png"), "--steps", "4", "-o",
-                         str(tmp_path / "changed.png"), "-q")
+                         str(tmp_path / "changed.png"), "--model", model, "-q")
     assert status == 0, err  # a flag given on the command line wins over the stored setting
     assert json.loads(Image.open(tmp_path / "changed.png").info["ldm"])["steps"] == 4
 
