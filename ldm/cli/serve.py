@@ -7,7 +7,6 @@ FastAPI and uvicorn are the optional ``serve`` extra; without them the command s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 
 from ldm.cli.options import UsageError, add_model_arguments, positive_int
@@ -43,9 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise UsageError(EXTRA_HINT)
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401 - only to tell the user what is missing
+        import uvicorn
+    except ImportError:
+        raise UsageError(EXTRA_HINT) from None
 
     from ldm.serve import ServeSettings, Server
     from ldm.serve.app import create_app

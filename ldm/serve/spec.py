@@ -135,7 +135,7 @@ def spec_from_job_request(body: Any, pipe) -> JobSpec:
         seed=options["seed"] if "seed" in options else random_seed(),
         steps=options.get("steps"), guidance=options.get("guidance"),
         sampler=options.get("sampler", pipe.defaults.get("sampler", "dpmpp_2m")),
-        width=options.get("width"), height=options.get("height"), batch_size=num)
+        width=options.get("width"), height=options.get("height"), batch_size=num, names={"batch_size": "num"})
 
 
 def _first_key(message: str, record: dict[str, Any]) -> str:
