@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError(EXTRA_HINT) from None
 
-    from ldm.serve import ServeSettings, Server
+    from ldm.serve import Server, ServeSettings
     from ldm.serve.app import create_app
 
     devices = tuple(d.strip() or None for d in args.device.split(",")) if args.device else (None,)

@@ -15,7 +15,7 @@ Imports: ``ldm.pipeline``, ``ldm.batch`` (prompt-line checks, manifest), ``ldm.f
 never ``cli``. FastAPI and uvicorn (the ``serve`` extra) are needed by ``app`` only.
 """
 
-from ldm.serve.server import ServeSettings, Server
+from ldm.serve.server import Server, ServeSettings
 from ldm.serve.spec import FieldError, JobSpec, Limits
 
-__all__ = ["ServeSettings", "Server", "JobSpec", "Limits", "FieldError"]
+__all__ = ["FieldError", "JobSpec", "Limits", "ServeSettings", "Server"]

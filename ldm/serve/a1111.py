@@ -24,8 +24,8 @@ from typing import Any
 
 from PIL import Image
 
-from ldm.pipeline.png_info import A1111_SAMPLERS, A1111_SCHEDULES, JSON_KEY, PARAMETERS_KEY, GenerationInfo
-from ldm.pipeline.png_info import info_from_parameters, parse_parameters
+from ldm.pipeline.png_info import (A1111_SAMPLERS, A1111_SCHEDULES, JSON_KEY, PARAMETERS_KEY, GenerationInfo,
+                                   info_from_parameters, parse_parameters)
 from ldm.samplers import SAMPLERS
 from ldm.serve.spec import FieldError, JobSpec, random_seed
 

@@ -117,10 +117,10 @@ class Worker(threading.Thread):
     def draw(self, job: Job, spec: JobSpec, iteration: int) -> list:
         """One pass: ``batch_size`` images with their metadata in ``image.info``."""
         seeds = [spec.seed + iteration * spec.batch_size + k for k in range(spec.batch_size)]
-        options = dict(negative_prompt=spec.negative_prompt, steps=spec.steps, guidance=spec.guidance,
-                       sampler=spec.sampler, height=spec.height, width=spec.width, seed=seeds,
-                       num_images_per_prompt=spec.batch_size, eta=spec.eta, spacing=spec.spacing,
-                       callback=self._on_step, progress=False)
+        options = {"negative_prompt": spec.negative_prompt, "steps": spec.steps, "guidance": spec.guidance,
+                   "sampler": spec.sampler, "height": spec.height, "width": spec.width, "seed": seeds,
+                   "num_images_per_prompt": spec.batch_size, "eta": spec.eta, "spacing": spec.spacing,
+                   "callback": self._on_step, "progress": False}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a long prompt's warning has nowhere to go; the PNG keeps the text
             if spec.mode == "txt2img":

@@ -82,8 +82,8 @@ def test_webuiapi_payload_is_accepted_and_eta_applies_where_the_sampler_takes_it
 @pytest.mark.parametrize("prefix", [False, True])
 def test_img2img_and_inpaint_accept_base64_with_or_without_data_prefix(server, prefix):
     source = Image.new("RGB", (64, 64), (200, 30, 30))
-    r = server.client.post("/sdapi/v1/img2img", json={"prompt": "apple", "init_images": [b64_png(source, prefix=prefix)],
-                                                      "denoising_strength": 0.5, **FAST})
+    r = server.client.post("/sdapi/v1/img2img", json={"prompt": "apple", "denoising_strength": 0.5,
+                                                      "init_images": [b64_png(source, prefix=prefix)], **FAST})
     assert r.status_code == 200, r.text
     out = png(r.json()["images"][0])
     assert "Denoising strength: 0.5" in out.info["parameters"] and out.size == (64, 64)
@@ -100,7 +100,8 @@ def test_img2img_and_inpaint_accept_base64_with_or_without_data_prefix(server, p
 def test_png_info_reads_a1111_and_ldm_images(server):
     text = "a lighthouse\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, Schedule type: Karras, " \
            "CFG scale: 6.5, Seed: 77, Size: 64x64"
-    r = server.client.post("/sdapi/v1/png-info", json={"image": b64_png(Image.new("RGB", (8, 8)), {"parameters": text})})
+    image = b64_png(Image.new("RGB", (8, 8)), {"parameters": text})
+    r = server.client.post("/sdapi/v1/png-info", json={"image": image})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["info"] == text and body["parameters"]["Seed"] == "77"
@@ -146,10 +147,12 @@ def test_progress_reports_steps_and_interrupt_stops_the_running_job(server):
 
 
 BAD = [({"width": 65}, "width"), ({"height": 0}, "height"), ({"steps": 0}, "steps"), ({"steps": "x"}, "steps"),
-       ({"sampler_name": "Nope"}, "sampler_name"), ({"scheduler": "Beta"}, "scheduler"), ({"cfg_scale": "x"}, "cfg_scale"),
+       ({"sampler_name": "Nope"}, "sampler_name"), ({"scheduler": "Beta"}, "scheduler"),
+       ({"cfg_scale": "x"}, "cfg_scale"),
        ({"seed": -2}, "seed"), ({"batch_size": 0}, "batch_size"), ({"n_iter": 100}, "batch_size"),
        ({"enable_hr": True}, "enable_hr"), ({"prompt": 3}, "prompt"), ({"steps": 151}, "steps"),
-       ({"width": 2048}, "width"), ({"sampler_name": "DDIM", "eta": -1}, "eta"), ({"cfg_scale": float("nan")}, "cfg_scale")]
+       ({"width": 2048}, "width"), ({"sampler_name": "DDIM", "eta": -1}, "eta"),
+       ({"cfg_scale": float("nan")}, "cfg_scale")]
 
 
 @pytest.mark.parametrize(("change", "field"), BAD)
