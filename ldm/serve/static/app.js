@@ -96,7 +96,7 @@ function setStatus(text, isError = false) {
 }
 
 function showImages(job) {
-  const results = $("results");
+  const figures = document.createDocumentFragment();
   job.images.forEach((url, i) => {
     const settings = { ...job.settings, seed: job.seeds[i] };
     const figure = document.createElement("figure");
@@ -125,8 +125,9 @@ function showImages(job) {
     actions.append(link, reuse);
     caption.append(prompt, facts, actions);
     figure.append(image, caption);
-    results.prepend(figure);
+    figures.append(figure);
   });
+  $("results").prepend(figures);  // newest job first, its images in seed order
 }
 
 // ---------------------------------------------------------------- the queue
