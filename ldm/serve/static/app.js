@@ -208,7 +208,7 @@ async function start() {
   const select = $("sampler");
   for (const { name, label } of info.samplers) {
     SAMPLER_LABELS[name] = label;
-    select.append(new Option(`${label} (${name})`, name));
+    select.append(new Option(label, name));
   }
   fillForm(info.defaults);
   $("form").addEventListener("submit", generate);
