@@ -41,6 +41,8 @@ COMMANDS = [
             "ldm.cli.batch:add_arguments", "ldm.cli.batch:run"),
     Command("train", "train or fine-tune a model on captioned images",
             "ldm.train:add_arguments", "ldm.train:run"),
+    Command("serve", "serve an A1111-compatible HTTP API, durable jobs and a web page",
+            "ldm.cli.serve:add_arguments", "ldm.cli.serve:run"),
     Command("convert", "convert a model: SD single file <-> diffusers folder",
             "ldm.cli.models:convert_arguments", "ldm.cli.models:convert"),
     Command("info", "describe a checkpoint, or print the settings stored in an image",
