@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-FAMILY_NAMES = {"sd1": "SD 1.x (OpenAI CLIP text encoder)", "sd2": "SD 2.x (OpenCLIP text encoder)"}
+FAMILY_NAMES = {"sd1": "SD 1.x (OpenAI CLIP text encoder)", "sd2": "SD 2.x (OpenCLIP text encoder)",
+                "sdxl": "SDXL base (CLIP ViT-L + OpenCLIP ViT-bigG text encoders)",
+                "sdxl_refiner": "SDXL refiner (OpenCLIP ViT-bigG text encoder, aesthetic score)"}
 
 
 def _count(n: int) -> str:
@@ -21,7 +23,7 @@ def _size(n: int) -> str:
 class ModelInfo:
     path: str
     format: str                           # "safetensors" | "ckpt" | "diffusers"
-    family: str                           # "sd1" | "sd2"
+    family: str                           # "sd1" | "sd2" | "sdxl" | "sdxl_refiner"
     inpainting: bool                      # the U-Net takes 9 channels: latents, mask, masked-image latents
     prediction_type: str                  # "epsilon" | "v_prediction" | "sample"
     resolution: int                       # native image side in pixels: U-Net sample size x VAE downscale

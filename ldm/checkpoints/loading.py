@@ -32,7 +32,9 @@ from ldm.models.vae import AutoencoderKL, VAEConfig
 from ldm.schedules import ScheduleConfig
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-SUBFOLDERS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+SUBFOLDERS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+              "text_encoder_2": "model"}
+TEXT_SLOTS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}   # diffusers subfolders
 DEFAULTS_FILE = "ldm.json"        # optional suggested steps / guidance / sampler / size of a folder's model
 _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -98,7 +100,7 @@ def _check_prediction(prediction_type):
 
 
 def _finish(components: Components, device, dtype) -> Components:
-    for module in (components.unet, components.vae, components.text_encoder):
+    for module in components.modules:
         module.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
     return components
 
@@ -180,14 +182,17 @@ def _common_dtype(dtypes: dict, keys) -> str:
     return counts.most_common(1)[0][0] if counts else "unknown"
 
 
-def _info(path, fmt, unet: dict, vae: dict, text: TextEncoderConfig, schedule, **extra) -> ModelInfo:
+def _info(path, fmt, unet: dict, vae: dict, texts, schedule, family: str | None = None, **extra) -> ModelInfo:
+    """``texts``: the text encoders' configs in prompt order (the first one describes the text encoder row)."""
+    texts = texts if isinstance(texts, list) else [texts]
+    text = texts[0]
     downscale = 2 ** (len(vae["block_out_channels"]) - 1)
     return ModelInfo(
-        path=str(path), format=fmt, family=text.family, inpainting=unet.get("in_channels", 4) == 9,
+        path=str(path), format=fmt, family=family or text.family, inpainting=unet.get("in_channels", 4) == 9,
         prediction_type=schedule.prediction_type, resolution=unet.get("sample_size", 64) * downscale,
         sample_size=unet.get("sample_size", 64), unet_in_channels=unet.get("in_channels", 4),
         latent_channels=vae.get("latent_channels", 4), block_out_channels=tuple(unet["block_out_channels"]),
-        context_dim=text.hidden_size, text_layers=text.num_hidden_layers,
+        context_dim=sum(t.hidden_size for t in texts), text_layers=text.num_hidden_layers,
         text_layer_used=text.num_hidden_layers - text.skip_layers, text_backend=text.backend, **extra)
 
 
@@ -242,7 +247,7 @@ class _Weights:
                 dtypes.update({k: _DTYPE_NAMES.get(v, v.lower()) for k, v in header.dtypes.items()})
                 continue
             loaded = load_tensors(f)
-            if sub.name == "text_encoder":     # transformers < 5 saves under "text_model."; 5.x does not
+            if sub.name in TEXT_SLOTS:         # transformers < 5 saves under "text_model."; 5.x does not
                 loaded = {k.removeprefix("text_model."): v for k, v in loaded.items()}
             shapes.update({k: tuple(v.shape) for k, v in loaded.items()})
             dtypes.update({k: str(v.dtype).removeprefix("torch.") for k, v in loaded.items()})
@@ -255,57 +260,97 @@ class _Weights:
         return self.files[0] if len(self.files) == 1 else self.files[0].parent
 
 
-def _folder_configs(folder: Path, prediction_type):
+@dataclass
+class _FolderConfigs:
+    unet: dict
+    vae: dict
+    texts: dict[str, TextEncoderConfig]       # diffusers subfolder -> config, in prompt order
+    schedule: ScheduleConfig
+    defaults: dict
+    pipeline: dict                            # model_index.json flags (force_zeros_for_empty_prompt, ...)
+    family: str
+
+
+def _text_slots(folder: Path, index: dict) -> list[str]:
+    """The text encoder subfolders a pipeline folder uses: model_index.json names them ([null, null] or no
+    entry: none), and each must have its config."""
+    slots = [name for name in TEXT_SLOTS if isinstance(index.get(name), list) and index[name][0] is not None]
+    if not slots:
+        raise CheckpointError(f"{folder}: model_index.json names no text encoder (text_encoder / text_encoder_2)")
+    return slots
+
+
+def _sdxl_text(config: TextEncoderConfig, raw: dict) -> TextEncoderConfig:
+    """SDXL reads each encoder's penultimate layer without the final norm; bigG also gives its projection."""
+    projection = any("WithProjection" in a for a in raw.get("architectures") or [])
+    return dataclasses.replace(config, skip_layers=1, final_norm=False, with_projection=projection)
+
+
+def _folder_configs(folder: Path, prediction_type) -> _FolderConfigs:
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    read_json(folder / "model_index.json")
-    for name in SUBFOLDERS:
+    index = read_json(folder / "model_index.json")
+    slots = _text_slots(folder, index)
+    for name in ("unet", "vae", *slots):
         if not (folder / name / "config.json").is_file():
             raise CheckpointError(f"{folder}: pipeline folder without {name}/config.json")
     unet = read_json(folder / "unet" / "config.json")
     vae = read_json(folder / "vae" / "config.json")
-    text = _config(TextEncoderConfig, read_json(folder / "text_encoder" / "config.json"),
-                   folder / "text_encoder" / "config.json", "text encoder")
+    sdxl = unet.get("addition_embed_type") == "text_time"
+    texts = {}
+    for name in slots:
+        raw = read_json(folder / name / "config.json")
+        config = _config(TextEncoderConfig, raw, folder / name / "config.json", "text encoder")
+        texts[name] = _sdxl_text(config, raw) if sdxl else config
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     schedule = _schedule(read_json(scheduler_file) if scheduler_file.is_file() else {}, prediction_type,
                          scheduler_file)
     defaults = read_json(folder / DEFAULTS_FILE) if (folder / DEFAULTS_FILE).is_file() else {}
-    return unet, vae, text, schedule, defaults
+    flags = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
+    family = ("sdxl" if "text_encoder" in texts else "sdxl_refiner") if sdxl else texts[slots[0]].family
+    return _FolderConfigs(unet, vae, texts, schedule, defaults, flags, family)
 
 
 def _folder(folder: Path, prediction_type, load_tensors_too: bool):
     """(configs, per-component weights, ModelInfo) of a diffusers folder."""
-    configs = _folder_configs(folder, prediction_type)
-    unet, vae, text, schedule, _ = configs
-    weights = {name: _Weights.read(folder / name, stem, load_tensors_too) for name, stem in SUBFOLDERS.items()}
+    c = _folder_configs(folder, prediction_type)
+    names = ("unet", "vae", *c.texts)
+    weights = {name: _Weights.read(folder / name, SUBFOLDERS[name], load_tensors_too) for name in names}
     parameters = {name: _numel(w.shapes, lambda k: not k.endswith("position_ids")) for name, w in weights.items()}
-    info = _info(folder, "diffusers", unet, vae, text, schedule, parameters=parameters,
-                 dtype=_common_dtype(weights["unet"].dtypes, weights["unet"].dtypes),
+    info = _info(folder, "diffusers", c.unet, c.vae, list(c.texts.values()), c.schedule, family=c.family,
+                 parameters=parameters, dtype=_common_dtype(weights["unet"].dtypes, weights["unet"].dtypes),
                  file_size=sum(f.stat().st_size for w in weights.values() for f in w.files))
-    return configs, weights, info
+    return c, weights, info
+
+
+def _folder_tokenizer(folder: Path, name: str):
+    if not (folder / name).is_dir():
+        return None
+    try:
+        return load_tokenizer(folder / name)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / name}: unreadable tokenizer ({exc})") from None
 
 
 def _load_folder(folder: Path, prediction_type, dtype) -> Components:
-    (unet_cfg, vae_cfg, text_cfg, schedule, defaults), weights, info = _folder(folder, prediction_type, True)
-    tokenizer = None
-    if (folder / "tokenizer").is_dir():
-        try:
-            tokenizer = load_tokenizer(folder / "tokenizer")
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{folder / 'tokenizer'}: unreadable tokenizer ({exc})") from None
-    unet = _on_meta(UNet, _config(UNetConfig, unet_cfg, folder / "unet" / "config.json", "U-Net"))
-    vae = _on_meta(AutoencoderKL, _config(VAEConfig, vae_cfg, folder / "vae" / "config.json", "VAE"))
-    text = TextEncoder(text_cfg, tokenizer=tokenizer, init_weights=False)
-    for name, ours in (("unet", _module_shapes(unet)), ("vae", _module_shapes(vae)),
-                       ("text_encoder", _module_shapes(text.weights()))):
+    c, weights, info = _folder(folder, prediction_type, True)
+    unet = _on_meta(UNet, _config(UNetConfig, c.unet, folder / "unet" / "config.json", "U-Net"))
+    vae = _on_meta(AutoencoderKL, _config(VAEConfig, c.vae, folder / "vae" / "config.json", "VAE"))
+    texts = {name: TextEncoder(cfg, tokenizer=_folder_tokenizer(folder, TEXT_SLOTS[name]), init_weights=False)
+             for name, cfg in c.texts.items()}
+    ours = {"unet": _module_shapes(unet), "vae": _module_shapes(vae),
+            **{name: _module_shapes(text.weights()) for name, text in texts.items()}}
+    for name, shapes in ours.items():
         _validate(weights[name].label, f"{name}/config.json", weights[name].shapes,
-                  [([KeyMap(k, k) for k in ours], ours)], lambda k: k.endswith("position_ids"))
+                  [([KeyMap(k, k) for k in shapes], shapes)], lambda k: k.endswith("position_ids"))
     dtype = dtype or torch.float32
     _assign(unet, weights["unet"].tensors, dtype)
     _assign(vae, weights["vae"].tensors, dtype)
-    _assign_text(text, {k: v for k, v in weights["text_encoder"].tensors.items() if not k.endswith("position_ids")},
-                 dtype)
-    return Components(unet, vae, text, schedule, info, defaults)
+    for name, text in texts.items():
+        _assign_text(text, {k: v for k, v in weights[name].tensors.items() if not k.endswith("position_ids")}, dtype)
+    encoders = list(texts.values())
+    return Components(unet, vae, encoders[0], c.schedule, info, c.defaults,
+                      text_encoder_2=encoders[1] if len(encoders) > 1 else None, pipeline_config=c.pipeline)
 
 
 # -- public API ---------------------------------------------------------------------------------------------

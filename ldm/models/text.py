@@ -10,6 +10,11 @@ package, and takes the *penultimate* layer's output through the final layer norm
 ``clip_skip`` follows the community convention: ``clip_skip=k`` takes the hidden state k - 1 layers before the
 model's own output layer and passes it through the final layer norm; ``None`` or 1 is the model's own layer.
 (diffusers counts one lower: its ``clip_skip=j`` is ours ``j + 1``.)
+
+SDXL (Podell et al. 2023) reads *two* encoders, OpenAI CLIP ViT-L and OpenCLIP ViT-bigG/14 (both stored as
+transformers CLIP models in diffusers folders), each at its penultimate layer *without* the final layer norm
+(``final_norm=False``), and concatenates them to a 2048-wide context; bigG also gives the pooled, projected
+embedding of the end-of-text token (``with_projection=True``) that SDXL's micro-conditioning takes.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ class TextEncoderConfig:
     backend: str = "transformers"         # "transformers": CLIPTextModel | "open_clip": open_clip TextTransformer
     family: str = "sd1"                   # "sd1" | "sd2": padding and single-file layout
     skip_layers: int = 0                  # final layers the context never uses (1 = SD 2's penultimate layer)
+    final_norm: bool = True               # the context goes through the final layer norm (SDXL: no)
+    with_projection: bool = False         # also the pooled projected embedding (SDXL's bigG: text_embeds)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -114,9 +121,10 @@ class TextEncoderConfig:
 
 
 def _build_transformers(config: TextEncoderConfig) -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(CLIPTextConfig(**config.clip_config()))
+    cls = CLIPTextModelWithProjection if config.with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**config.clip_config()))
 
 
 def _build_open_clip(config: TextEncoderConfig) -> nn.Module:
@@ -197,18 +205,30 @@ class TextEncoder(nn.Module):
         return used
 
     def encode(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
-        """Token ids (B, L) -> hidden states (B, L, D) after the final layer norm."""
+        """Token ids (B, L) -> hidden states (B, L, D) (after the final layer norm unless config.final_norm is
+        False)."""
         used = self.layers_used(clip_skip)
         if self.config.backend == "open_clip":
             return self._encode_open_clip(ids, used)
-        return self._encode_transformers(ids, used)
+        return self._encode_transformers(ids, used)[0]
 
-    def _encode_transformers(self, ids: torch.Tensor, used: int) -> torch.Tensor:
-        if used == self.config.num_hidden_layers:
-            return self.model(ids).last_hidden_state
-        hidden = self.model(ids, output_hidden_states=True).hidden_states   # embeddings, then one per layer
-        core = getattr(self.model, "text_model", self.model)                # transformers < 5 nests the model
-        return core.final_layer_norm(hidden[used])
+    def encode_pooled(self, ids: torch.Tensor, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, L, D), pooled (B, projection_dim)) in one pass: the pooled embedding is the projected,
+        final-normed last layer at the end-of-text token, whatever ``clip_skip`` (as SDXL and diffusers use it)."""
+        if not (self.config.with_projection and self.config.backend == "transformers"):
+            raise ValueError("this text encoder has no pooled projection (with_projection=False)")
+        context, pooled = self._encode_transformers(ids, self.layers_used(clip_skip), pooled=True)
+        return context, pooled
+
+    def _encode_transformers(self, ids: torch.Tensor, used: int, pooled: bool = False):
+        if used == self.config.num_hidden_layers and self.config.final_norm and not pooled:
+            return self.model(ids).last_hidden_state, None
+        out = self.model(ids, output_hidden_states=True)    # hidden_states: embeddings, then one per layer
+        hidden = out.hidden_states[used]
+        if self.config.final_norm:
+            core = getattr(self.model, "text_model", self.model)            # transformers < 5 nests the model
+            hidden = core.final_layer_norm(hidden)
+        return hidden, (out.text_embeds if pooled else None)
 
     def _encode_open_clip(self, ids: torch.Tensor, used: int) -> torch.Tensor:
         tower = self.model
@@ -222,25 +242,36 @@ class TextEncoder(nn.Module):
             x = block(x, attn_mask=mask)
         if not batch_first:
             x = x.transpose(0, 1)
-        return tower.ln_final(x)
+        return tower.ln_final(x) if self.config.final_norm else x
 
     # -- weights under version-independent names ---------------------------------------------------------
     def _prefix(self) -> str:
-        """transformers < 5 nests CLIPTextModel's modules under ``text_model.``; 5.x does not."""
+        """transformers < 5 nests CLIPTextModel's modules under ``text_model.``; 5.x does not, except in
+        CLIPTextModelWithProjection (which keeps ``text_projection.`` at the top)."""
         return "text_model." if self.config.backend == "transformers" and hasattr(self.model, "text_model") else ""
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The backend's tensors, named as transformers 5's CLIPTextModel or open_clip's TextTransformer."""
+    def _ours(self, key: str) -> str | None:
+        """A backend state-dict key -> its version-independent name (None: a buffer we do not save)."""
         prefix = self._prefix()
-        return {k[len(prefix):]: v for k, v in self.model.state_dict().items()
-                if k.startswith(prefix) and not k.endswith("position_ids")}
+        if key.endswith("position_ids"):
+            return None
+        if key.startswith(prefix):
+            return key[len(prefix):]
+        return key if key.startswith("text_projection.") else None
+
+    def _theirs(self, name: str) -> str:
+        return name if name.startswith("text_projection.") else self._prefix() + name
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The backend's tensors, named as transformers 5's CLIPTextModel (+ ``text_projection.weight`` with
+        a projection) or open_clip's TextTransformer."""
+        return {name: v for k, v in self.model.state_dict().items() if (name := self._ours(k)) is not None}
 
     def load_weights(self, tensors: dict[str, torch.Tensor], *, assign: bool = False) -> None:
         """Copy tensors named as :meth:`weights` names them (every name required, shapes checked by torch).
         ``assign=True`` takes the tensors themselves instead of copying them (loaders: no second copy of a
         file's weights; their dtype becomes the encoder's)."""
-        prefix = self._prefix()
-        result = self.model.load_state_dict({prefix + k: v for k, v in tensors.items()}, strict=False,
+        result = self.model.load_state_dict({self._theirs(k): v for k, v in tensors.items()}, strict=False,
                                             assign=assign)
         missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
         if missing or result.unexpected_keys:

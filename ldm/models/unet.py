@@ -7,6 +7,13 @@ Parameter names and shapes are those of diffusers' UNet2DConditionModel for the 
 One quirk carries over on purpose: in diffusers configs `attention_head_dim` is the *number of heads* unless
 `num_attention_heads` is set (diffusers issue #2011). SD 1.x: attention_head_dim=8 -> 8 heads of C/8 channels;
 SD 2.x: attention_head_dim=[5, 10, 20, 20] -> 5..20 heads of 64 channels.
+
+SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis") adds
+*micro-conditioning* (``addition_embed_type="text_time"``): the pooled text embedding and the image's size and
+crop numbers (``time_ids``: original height/width, crop top/left, target height/width; the refiner puts an
+aesthetic score in place of the target size) are embedded (each time id sinusoidally, like a timestep) and
+added to the timestep embedding. Its other changes are config values this U-Net already takes: three levels,
+no attention at the first, 1/2/10 transformer layers per level, linear projections, 2048-wide context.
 """
 
 from __future__ import annotations
@@ -43,8 +50,6 @@ _NEUTRAL_KEYS: dict[str, tuple[Any, ...]] = {
     "encoder_hid_dim_type": (None,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
@@ -56,14 +61,14 @@ _NEUTRAL_KEYS: dict[str, tuple[Any, ...]] = {
     "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,),
 }
-# Keys that never change the architecture (addition_embed_type_num_heads only matters with addition_embed_type).
+# Keys that never change the architecture (addition_embed_type_num_heads only matters with other embed types).
 _IGNORED_KEYS = {"addition_embed_type_num_heads"}
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 def _tuple(value):
@@ -95,6 +100,9 @@ class UNetConfig:
     upcast_attention: bool = False
     mid_block_type: str = CROSS_MID
     dropout: float = 0.0
+    addition_embed_type: str | None = None               # "text_time": SDXL's micro-conditioning
+    addition_time_embed_dim: int | None = None           # sinusoidal features per time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # pooled text width + time ids × that (SDXL: 2816)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -134,6 +142,12 @@ class UNetConfig:
             bad = [b for b in getattr(self, name) if b not in ok]
             if bad:
                 raise ValueError(f"UNetConfig.{name}: unsupported block type(s) {bad}; supported: {list(ok)}")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"UNetConfig.addition_embed_type={self.addition_embed_type!r} is not supported; "
+                             f"supported: {list(ADDITION_EMBED_TYPES)}")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise ValueError("UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
         if self.mid_block_type != CROSS_MID:
             raise ValueError(f"UNetConfig.mid_block_type={self.mid_block_type!r} is not supported; "
                              f"only {CROSS_MID!r}")
@@ -202,6 +216,8 @@ class UNet(nn.Module):
 
         self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
+        if cfg.addition_embed_type == "text_time":   # SDXL: [pooled text ‖ sinusoids of the time ids] -> MLP
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
 
         self.down_blocks = nn.ModuleList()
         prev = channels[0]
@@ -235,8 +251,21 @@ class UNet(nn.Module):
         # a Linear's weight: reading a conv's would unpack it on a lean pipeline (ldm/models/conv.py)
         return self.time_embedding.linear_1.weight.dtype
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """x (B, C, h, w) latents, t (B,) or scalar timesteps (fractional allowed), context (B, L, D)."""
+    def _added(self, emb: torch.Tensor, text_embeds, time_ids) -> torch.Tensor:
+        """SDXL's micro-conditioning (see the module docstring) added to the timestep embedding."""
+        cfg = self.config
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this U-Net (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
+        b = emb.shape[0]
+        sinusoids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                       flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        features = torch.cat([text_embeds.reshape(b, -1).to(emb.dtype), sinusoids.reshape(b, -1).to(emb.dtype)], -1)
+        return emb + self.add_embedding(features)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, h, w) latents, t (B,) or scalar timesteps (fractional allowed), context (B, L, D); SDXL also
+        text_embeds (B, pooled) and time_ids (B, 6 | 5)."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
@@ -245,6 +274,8 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                  freq_shift=cfg.freq_shift)
         emb = self.time_embedding(emb.to(x.dtype))
+        if cfg.addition_embed_type == "text_time":
+            emb = self._added(emb, text_embeds, time_ids)
         context = context.to(x.dtype)
 
         h = self.conv_in(x)

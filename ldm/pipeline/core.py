@@ -33,6 +33,7 @@ from ldm.guidance import classifier_free, conditioned
 from ldm.models.conv import pack_for_inference, unpack
 from ldm.pipeline import images as img
 from ldm.pipeline.applications import Applications
+from ldm.pipeline.conditioning import SizeConditioning, TextConditioner
 from ldm.pipeline.memory import check_memory
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
 from ldm.rng import generators_for, randn
@@ -42,6 +43,7 @@ from ldm.schedules import NoiseSchedule
 # Stable Diffusion's usual settings, for what a model's Components.defaults (its ldm.json) does not say. Keys read
 # here: steps, guidance, size or height/width; the CLI also takes sampler and spacing from them.
 SD_DEFAULTS = {"steps": 30, "guidance": 7.5}
+FAMILY_DEFAULTS = {"sdxl": {"guidance": 5.0}, "sdxl_refiner": {"guidance": 5.0}}   # diffusers' SDXL pipelines
 OUTPUT_TYPES = ("pil", "np", "latent")
 CONTINUOUS_SPACINGS = ("karras", "exponential")
 
@@ -66,6 +68,8 @@ class Request:
     width: int
     guidance_rescale: float = 0.0
     clip_skip: int | None = None
+    negative_given: bool = True          # False: no negative prompt (SDXL may then use zeros, see conditioning)
+    sizes: SizeConditioning | None = None   # SDXL micro-conditioning (None: the requested size, crop (0, 0))
 
     @property
     def batch(self) -> int:
@@ -90,10 +94,16 @@ class Pipeline(Applications):
             lean = True if lean is None else lean
         self.components = components
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
-        for module, dt in ((self.unet, self.dtype), (self.text_encoder, self.dtype), (self.vae, self.vae_dtype)):
+        self.text_encoder_2 = getattr(components, "text_encoder_2", None)    # SDXL base: OpenCLIP bigG
+        self.text_encoders = [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+        for module, dt in ((self.unet, self.dtype), *((t, self.dtype) for t in self.text_encoders),
+                           (self.vae, self.vae_dtype)):
             module.to(device=self.device, dtype=dt).eval().requires_grad_(False)
+        self.conditioner = TextConditioner.for_components(components)
         self.schedule = NoiseSchedule(components.schedule)
-        self.defaults = {**SD_DEFAULTS, **(getattr(components, "defaults", None) or {})}
+        family = getattr(getattr(components, "info", None), "family", None)
+        self.defaults = {**SD_DEFAULTS, **FAMILY_DEFAULTS.get(family, {}),
+                         **(getattr(components, "defaults", None) or {})}
         self.source = Path(source) if source is not None else None
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = self.vae.config.latent_channels
@@ -129,15 +139,17 @@ class Pipeline(Applications):
     def __call__(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m",
                  height=None, width=None, seed=None, num_images_per_prompt=1, latents=None, eta=0.0, *,
                  guidance_rescale=0.0, clip_skip=None, spacing=None, callback=None, progress=True,
-                 output_type="pil"):
+                 output_type="pil", sizes: SizeConditioning | None = None):
         """Images for ``prompt`` (str or list): a list of PIL images (``output_type="np"``: (B, H, W, 3) floats
         in [0, 1]; ``"latent"``: the (B, C, h, w) latents before decoding). ``seed``: an int (image i gets
         seed + i) or one int per image. ``latents``: the initial noise ~ N(0, I), as diffusers takes it.
         ``eta``: the fresh-noise fraction of samplers that take one (ddim: 0 = deterministic); 0 leaves the
         ancestral/SDE samplers (euler_a, dpmpp_2m_sde) at their own default of 1. ``spacing``: None -> the
-        model's timestep spacing; "karras"/"exponential" for continuous σ schedules."""
+        model's timestep spacing; "karras"/"exponential" for continuous σ schedules. ``sizes``: SDXL's
+        micro-conditioning (``SizeConditioning(original_size=, crops_coords_top_left=, target_size=,
+        aesthetic_score=)``; default: the requested size, crop (0, 0), as diffusers)."""
         req = self.request(prompt, negative_prompt, steps, guidance, sampler, height, width, seed,
-                           num_images_per_prompt, eta, guidance_rescale, clip_skip, spacing, output_type)
+                           num_images_per_prompt, eta, guidance_rescale, clip_skip, spacing, output_type, sizes)
         shape = (req.batch, self.latent_channels, req.height // self.vae_scale_factor,
                  req.width // self.vae_scale_factor)
         if latents is not None and tuple(latents.shape) != shape:
@@ -158,7 +170,7 @@ class Pipeline(Applications):
     # ------------------------------------------------------------------ validation (before any heavy work)
     def request(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m", height=None,
                 width=None, seed=None, num_images_per_prompt=1, eta=0.0, guidance_rescale=0.0, clip_skip=None,
-                spacing=None, output_type="pil") -> Request:
+                spacing=None, output_type="pil", sizes: SizeConditioning | None = None) -> Request:
         """Check every argument and fill the model's defaults; raises ValueError naming the bad value."""
         prompts = _as_prompts(prompt, "prompt")
         n = _positive_int(num_images_per_prompt, "num_images_per_prompt")
@@ -187,8 +199,10 @@ class Pipeline(Applications):
             _positive_int(clip_skip, "clip_skip")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if sizes is not None and not isinstance(sizes, SizeConditioning):
+            raise ValueError(f"sizes must be a SizeConditioning, got {type(sizes).__name__}")
         req = Request(prompts, negatives, _as_seeds(seed, len(prompts)), steps, guidance, sampler, spacing, eta,
-                      height, width, float(guidance_rescale), clip_skip)
+                      height, width, float(guidance_rescale), clip_skip, negative_prompt is not None, sizes)
         check_memory(self, req)  # a request too big for the machine is refused here, not by the OOM killer
         return req
 
@@ -227,11 +241,15 @@ class Pipeline(Applications):
     def encode_prompts(self, prompts: Sequence[str], clip_skip=None) -> torch.Tensor:
         """(B, 77, D) contexts; each distinct prompt is encoded once, on its own (so no prompt's context depends
         on the others in the batch)."""
-        unique = list(dict.fromkeys(prompts))
-        with torch.no_grad(), self.placed(self.text_encoder):
-            table = torch.cat([self.text_encoder([p], clip_skip=clip_skip) for p in unique])
-        index = torch.tensor([unique.index(p) for p in prompts], device=table.device)
-        return table[index].to(self.device, self.dtype)
+        return self.text_conditions(prompts, clip_skip)["context"]
+
+    def text_conditions(self, prompts: Sequence[str], clip_skip=None) -> dict[str, torch.Tensor]:
+        """The U-Net's text conditions: {"context"} (+ SDXL's {"text_embeds"}), ``ldm.pipeline.conditioning``."""
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for encoder in self.text_encoders:
+                stack.enter_context(self.placed(encoder))
+            conditions = self.conditioner.encode(prompts, clip_skip)
+        return {k: v.to(self.device, self.dtype) for k, v in conditions.items()}
 
     def denoiser(self, blocks: int = 1):
         """D(x, σ, context, ...) -> x0 around the U-Net (the 9-channel one concatenates its extra inputs).
@@ -245,10 +263,19 @@ class Pipeline(Applications):
     def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
         """Classifier-free guidance over the denoiser; the unconditional context is encoded once per call."""
         extra = {k: v.to(self.device, self.dtype) for k, v in (extra or {}).items()}
-        cond = {"context": self.encode_prompts(req.prompts, req.clip_skip), **extra}
+
+        def added(negative: bool) -> dict[str, torch.Tensor]:
+            ids = self.conditioner.added(req.batch, req.height, req.width, req.sizes, negative)
+            return {k: v.to(self.device, self.dtype) for k, v in ids.items()}
+
+        cond = {**self.text_conditions(req.prompts, req.clip_skip), **added(False), **extra}
         if req.guidance == 1.0:
             return conditioned(self.denoiser(), **cond)
-        uncond = {"context": self.encode_prompts(req.negatives, req.clip_skip), **extra}
+        if self.conditioner.zeros_for_empty and not req.negative_given:   # SDXL: zeros, not the encoded ""
+            text = {k: torch.zeros_like(cond[k]) for k in ("context", "text_embeds") if k in cond}
+        else:
+            text = self.text_conditions(req.negatives, req.clip_skip)
+        uncond = {**text, **added(True), **extra}
         return classifier_free(self.denoiser(blocks=2), cond, uncond, req.guidance, req.guidance_rescale)
 
     def sample(self, denoiser, x, sigmas, req: Request, generators, callback=None, progress=True) -> torch.Tensor:
@@ -341,7 +368,7 @@ class Pipeline(Applications):
         target = resolve_device(device)
         if target.type != "cuda":
             raise ValueError(f"sequential CPU offload moves models to a CUDA device, not {target}")
-        for module in (self.unet, self.text_encoder, self.vae):
+        for module in (self.unet, *self.text_encoders, self.vae):
             module.to("cpu")
         self.device, self._offload = target, target
 

@@ -70,8 +70,11 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def unet_bytes(config, h: int, w: int, rows: int, dtype: torch.dtype, attention_slice: int | None = None) -> int:
-    """Working memory of one U-Net call on ``rows`` latents of h × w (see the module docstring)."""
-    channels = config.block_out_channels
+    """Working memory of one U-Net call on ``rows`` latents of h × w (see the module docstring); 0 for a
+    network that is not an SD-family U-Net (a model plugged in by hand: nothing to estimate from)."""
+    channels = getattr(config, "block_out_channels", None)
+    if channels is None or not hasattr(config, "per_level"):
+        return 0
     layers = config.per_level("layers_per_block")
     attention = [t.startswith("CrossAttn") for t in config.down_block_types]
     skips = widest = scores = 0
@@ -90,7 +93,7 @@ def vae_bytes(config, height: int, width: int, dtype: torch.dtype, tile: int | N
     """Working memory of decoding one image of height × width pixels (tiled: one tile of ``tile`` pixels)."""
     if tile is not None and max(height, width) > tile:
         height = width = tile
-    levels = tuple(reversed(config.block_out_channels))
+    levels = tuple(reversed(getattr(config, "block_out_channels", ())))
     widest = 0
     for i, c in enumerate(levels):
         scale = 2 ** (len(levels) - 1 - i)  # block i works at 1/scale of the output size ...
@@ -110,10 +113,10 @@ def estimate(pipe, req) -> MemoryEstimate:
     sliced = layer is not None and layer.backend == "sliced"
     attention_slice = (layer.slice_size or max(pipe.unet.config.heads())) if sliced else None
     unet = unet_bytes(pipe.unet.config, h, w, rows, pipe.dtype, attention_slice)
-    vae = vae_bytes(pipe.vae.config, req.height, req.width, pipe.vae_dtype,
-                    pipe.vae.tile_size if pipe.vae.tiling else None)
+    tiling = getattr(pipe.vae, "tiling", False)
+    vae = vae_bytes(pipe.vae.config, req.height, req.width, pipe.vae_dtype, pipe.vae.tile_size if tiling else None)
     pixels = 3 * req.height * req.width
-    images = req.batch * pixels * 4 * IMAGE_COPIES + (3 * pixels * 4 if pipe.vae.tiling else 0)
+    images = req.batch * pixels * 4 * IMAGE_COPIES + (3 * pixels * 4 if tiling else 0)
     latents = LATENT_COPIES * req.batch * pipe.latent_channels * h * w * 4
     return MemoryEstimate(latents, unet, vae, images)
 
@@ -142,7 +145,7 @@ def check_memory(pipe, req) -> MemoryEstimate:
     free = available_bytes(pipe.device)
     if free is not None and need.total > MARGIN * free:
         ways = "a smaller size"
-        if not pipe.vae.tiling and need.latents + need.unet <= MARGIN * free:  # the decode is what does not fit
+        if not getattr(pipe.vae, "tiling", False) and need.latents + need.unet <= MARGIN * free:  # the decode is what does not fit
             ways += " or VAE tiling (--vae-tiling, pipe.enable_vae_tiling())"
         if req.batch > 1:
             ways += " or fewer images per call"

@@ -93,7 +93,7 @@ class GenerationInfo:
         if self.model_hash:
             pairs.append(("Model hash", self.model_hash))
         if self.model:
-            pairs.append(("Model", self.model))
+            pairs.append(("Model", Path(self.model).name or self.model))  # a name; never a folder path
         if self.clip_skip:
             pairs.append(("Clip skip", self.clip_skip))
         if self.eta:
