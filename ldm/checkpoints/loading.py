@@ -182,9 +182,9 @@ def _common_dtype(dtypes: dict, keys) -> str:
     return counts.most_common(1)[0][0] if counts else "unknown"
 
 
-def _info(path, fmt, unet: dict, vae: dict, texts, schedule, family: str | None = None, **extra) -> ModelInfo:
+def _info(path, fmt, unet: dict, vae: dict, texts: list[TextEncoderConfig], schedule, family: str | None = None,
+          **extra) -> ModelInfo:
     """``texts``: the text encoders' configs in prompt order (the first one describes the text encoder row)."""
-    texts = texts if isinstance(texts, list) else [texts]
     text = texts[0]
     downscale = 2 ** (len(vae["block_out_channels"]) - 1)
     return ModelInfo(
@@ -202,7 +202,7 @@ def _single_file_info(path: Path, layout: SingleFileLayout, schedule, shapes, dt
 
     unet_keys = [k for k in shapes if k.startswith(UNET_PREFIX)]
     return _info(path, "safetensors" if path.suffix == ".safetensors" else "ckpt", layout.unet, layout.vae,
-                 layout.text, schedule,
+                 [layout.text], schedule,
                  parameters={"unet": _numel(shapes, lambda k: k.startswith(UNET_PREFIX)),
                              "vae": _numel(shapes, lambda k: k.startswith(VAE_PREFIX)),
                              "text_encoder": _numel(shapes, text_key)},

@@ -1,4 +1,4 @@
-"""The ``ldm`` command line: ``ldm generate | batch | train | convert | info | visualize``.
+"""The ``ldm`` command line: ``ldm generate | batch | train | serve | convert | info | visualize``.
 
 Commands are a registry (``COMMANDS``): each names a function that adds its arguments to an argparse parser and
 a function that runs the parsed arguments, one module a command (``ldm/cli/generate.py``, ...). Only the chosen
