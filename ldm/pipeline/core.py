@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ldm import assets
 from ldm.checkpoints import load, save_diffusers
-from ldm.checkpoints.lora import load_lora
+from ldm.checkpoints.adapters import Patches, load_adapter
 from ldm.denoiser import Denoiser
 from ldm.devices import dtype_name, resolve_device, resolve_dtype
 from ldm.guidance import classifier_free, conditioned
@@ -352,9 +352,22 @@ class Pipeline(Applications):
         save_diffusers(self.components, folder)
         return Path(folder)
 
-    def load_lora(self, path, scale: float = 1.0):
-        """Apply a LoRA file (made by ``ldm train --lora``) at ``scale``; implemented by ``ldm.lora``."""
-        return load_lora(self, path, scale)
+    def adapter_models(self) -> dict[str, torch.nn.Module]:
+        """The models an adapter file may patch, by the names the files use."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def load_lora(self, path, scale: float = 1.0, strict: bool = True, *, scales: dict[str, float] | None = None):
+        """Apply a LoRA / LyCORIS / diffusers-PEFT / ldm adapter file at ``scale``; several stack. Returns a
+        handle (``.remove()``, ``.set_scale(s)``, ``.fuse()``). ``strict=False``: layers this model lacks are
+        skipped with a warning instead of an error. (``ldm.checkpoints.adapters``)"""
+        if not hasattr(self, "adapters"):
+            self.adapters = Patches()
+        return load_adapter(self.adapter_models(), path, scale, strict, self.adapters, scales)
+
+    def unload_lora(self) -> None:
+        """Remove every adapter loaded with ``load_lora``: the base weights, bit for bit."""
+        if hasattr(self, "adapters"):
+            self.adapters.clear()
 
 
 class _InpaintingInput(torch.nn.Module):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ldm import losses
 from ldm.checkpoints import Components
-from ldm.checkpoints.lora import TEXT_TARGETS, UNET_TARGETS, adapters, add_lora, lora_state_dict, save_lora
+from ldm.checkpoints.adapters.lora import TEXT_TARGETS, UNET_TARGETS, adapters, add_lora, lora_state_dict, save_lora
 from ldm.pipeline import Pipeline
 from ldm.pipeline.images import to_pil, to_unit
 from ldm.rng import randn

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from train_fixtures import make_shapes, make_vae, unet_overrides
 
 from ldm import Pipeline
-from ldm.checkpoints.lora import UNET_TARGETS, adapters, add_lora, fuse, read_lora, unload
+from ldm.checkpoints.adapters.lora import UNET_TARGETS, adapters, add_lora, fuse, read_lora, unload
 from ldm.train import Trainer
 from ldm.train.build import build_components, write_model
 from ldm.train.config import ConfigError, load_config
