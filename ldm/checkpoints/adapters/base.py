@@ -44,7 +44,7 @@ def rebuild_tucker(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torc
     """A Tucker-2 decomposed convolution kernel (Kim et al. 2016, "Compression of Deep Convolutional Neural
     Networks for Fast and Low Power Mobile Applications"): W[o, i, h, w] = Σ_ab core[a, b, h, w] U[o, a] V[i, b],
     with ``out_factor`` U (out, r) and ``in_factor`` V (in, r)."""
-    return torch.einsum("abhw,oa,ib->oihw", core, out_factor, in_factor)
+    return torch.einsum("abhw,oa,ib->oihw", core, out_factor, in_factor).contiguous()
 
 
 def fit(delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -69,7 +69,7 @@ class FileLayer:
 
     @property
     def first_key(self) -> str:
-        return next(iter(self.keys.values()))
+        return next((k for t, k in self.keys.items() if t != "alpha"), next(iter(self.keys.values())))
 
 
 def _split(key: str) -> tuple[Prefix, str, str] | None:

@@ -10,6 +10,8 @@ s = alpha / r where r is the rank of whichever factor is decomposed; with both f
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ldm.checkpoints.adapters.base import AdapterType, Tensors, as_float, rank_scale, rebuild_tucker
@@ -45,7 +47,10 @@ def lokr_delta(t: Tensors, alpha: float | None, shape: tuple[int, ...]) -> torch
     w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))
     rank = _rank(t)
     scale = rank_scale(alpha, rank) if rank is not None else 1.0
-    return torch.kron(w1, w2) * scale
+    delta = torch.kron(w1, w2) * scale
+    if delta.dim() != len(shape) and delta.numel() == math.prod(shape):
+        delta = delta.reshape(shape)     # a flattened conv factor (r, in·kh·kw), as LyCORIS views it
+    return delta
 
 
 LOKR = AdapterType("lokr", "lokr_", NAMES, lokr_delta)
