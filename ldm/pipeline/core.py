@@ -27,13 +27,15 @@ from tqdm.auto import tqdm
 from ldm import assets
 from ldm.checkpoints import load, save_diffusers
 from ldm.checkpoints.adapters import Patches, load_adapter
+from ldm.checkpoints.embeddings import read_embedding
 from ldm.denoiser import Denoiser
 from ldm.devices import dtype_name, resolve_device, resolve_dtype
 from ldm.guidance import classifier_free, conditioned
 from ldm.models.conv import pack_for_inference, unpack
 from ldm.pipeline import images as img
 from ldm.pipeline.applications import Applications
-from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
+from ldm.pipeline.png_info import GenerationInfo, attach, lora_hash, weights_hash
+from ldm.pipeline import prompting
 from ldm.rng import generators_for, randn
 from ldm.samplers import get_sampler
 from ldm.schedules import NoiseSchedule
@@ -75,13 +77,18 @@ class Pipeline(Applications):
     """Text-to-image (``__call__``) plus img2img / inpaint / denoise / anomaly / upscale (``Applications``)."""
 
     def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=torch.float32, compile=False,
-                 source: str | Path | None = None, lean: bool | None = None):
+                 source: str | Path | None = None, lean: bool | None = None, emphasis: bool = True,
+                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
+                 lora_strict: bool = True):
         """``Pipeline()`` loads the shipped default model; ``components`` (``ldm.checkpoints.Components``) wraps
         models already in memory. ``vae_dtype`` other than float32 is a forced half-precision decode.
         ``lean``: keep one copy of each convolution weight, the CPU-packed one (``ldm.models.conv``; for SD 1.5
         in float32 that saves ~2 GB). Default: on when the Pipeline loaded the weights itself (``Pipeline()``,
         ``from_pretrained``), off for ``components`` whose tensors the caller may hold. Working on the weights
-        by hand (an optimizer over ``pipe.unet.parameters()``)? Turn it off with ``pipe.set_lean(False)``."""
+        by hand (an optimizer over ``pipe.unet.parameters()``)? Turn it off with ``pipe.set_lean(False)``.
+        ``emphasis``: read prompts in A1111's syntax (``ldm.pipeline.prompting``); ``lora_dir``: where
+        ``<lora:NAME:W>`` tags find NAME.safetensors; ``embeddings_dir``: textual-inversion files loaded now,
+        each under its file's stem."""
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.vae_dtype = resolve_dtype(vae_dtype)
         if components is None:
@@ -103,6 +110,11 @@ class Pipeline(Applications):
         # batching gains little; on GPUs batching is the speed, and their kernels are not bitwise stable anyway.
         self.batch_invariant = self.device.type == "cpu"
         self.set_lean(bool(lean))
+        self.emphasis, self.lora_strict = emphasis, lora_strict
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self.adapters = Patches()
+        if embeddings_dir is not None:
+            self.load_embeddings_dir(embeddings_dir)
 
     def set_lean(self, lean: bool) -> Pipeline:
         """Keep only the packed copy of the U-Net's and VAE's convolution weights (True), or both copies and the
@@ -114,7 +126,7 @@ class Pipeline(Applications):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, *, vae_dtype=torch.float32, compile=False,
-                        lean: bool = True) -> Pipeline:
+                        lean: bool = True, **options) -> Pipeline:
         """Load an SD single file (.safetensors / .ckpt), a diffusers folder, or a folder saved by ldm."""
         path = Path(path)
         if not path.exists():
@@ -122,7 +134,7 @@ class Pipeline(Applications):
                              "diffusers/ldm model folder)")
         resolve_device(device), resolve_dtype(dtype)  # fail on a bad name before loading gigabytes
         return cls(load(path), device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path,
-                   lean=lean)
+                   lean=lean, **options)
 
     # ------------------------------------------------------------------ text-to-image
     def __call__(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m",
@@ -149,10 +161,11 @@ class Pipeline(Applications):
             gray = torch.zeros(1, 3, req.height, req.width)
             extra = self.inpaint_conditioning(gray, torch.ones(1, 1, req.height, req.width))
             extra = {k: v.expand(req.batch, *v.shape[1:]) for k, v in extra.items()}
-        denoiser = self.guided_denoiser(req, extra)
-        x = noise.to(self.device, torch.float32) * self.initial_scale(sigmas, req.spacing)
-        z = self.sample(denoiser, x, sigmas, req, generators, callback, progress)
-        return self.finish(z, req, output_type)
+        with self.prompt_loras(req.prompts) as hashes:
+            denoiser = self.guided_denoiser(req, extra)
+            x = noise.to(self.device, torch.float32) * self.initial_scale(sigmas, req.spacing)
+            z = self.sample(denoiser, x, sigmas, req, generators, callback, progress)
+        return self.finish(z, req, output_type, **{"Lora hashes": hashes or None})
 
     # ------------------------------------------------------------------ validation (before any heavy work)
     def request(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m", height=None,
@@ -221,14 +234,57 @@ class Pipeline(Applications):
         spacing = spacing or self.schedule.config.timestep_spacing
         return s0 if spacing in CONTINUOUS_SPACINGS else math.sqrt(1.0 + s0 * s0)
 
-    def encode_prompts(self, prompts: Sequence[str], clip_skip=None) -> torch.Tensor:
-        """(B, 77, D) contexts; each distinct prompt is encoded once, on its own (so no prompt's context depends
-        on the others in the batch)."""
+    def encode_prompts(self, prompts: Sequence[str], clip_skip=None, chunks: int = 1) -> torch.Tensor:
+        """(B, L·k, D) contexts (L = 77 in SD; k chunks: the longest prompt's, at least ``chunks``); each
+        distinct prompt is encoded once, on its own (so no prompt's context depends on the others in the
+        batch). Prompts use A1111's syntax unless ``emphasis`` is off; a prompt without any is encoded exactly
+        as a plain 77-token prompt."""
         unique = list(dict.fromkeys(prompts))
         with torch.no_grad(), self.placed(self.text_encoder):
-            table = torch.cat([self.text_encoder([p], clip_skip=clip_skip) for p in unique])
+            rows = [self._encode_one(p, clip_skip) for p in unique]
+            length = self.text_encoder.max_length
+            chunks = max(chunks, *(r.shape[1] // length for r in rows))
+            if any(r.shape[1] != chunks * length for r in rows):
+                empty = self.text_encoder([""], clip_skip=clip_skip)
+                rows = [prompting.pad_chunks(r, chunks, empty) for r in rows]
+            table = torch.cat(rows)
         index = torch.tensor([unique.index(p) for p in prompts], device=table.device)
         return table[index].to(self.device, self.dtype)
+
+    def _encode_one(self, prompt: str, clip_skip=None) -> torch.Tensor:
+        text = prompting.extract_lora_tags(prompt)[0] if self.emphasis else prompt
+        plain = not self.emphasis or not prompting.has_syntax(text)
+        if plain and (not self.emphasis or len(self.text_encoder.token_runs(text)) <= self.text_encoder.max_length - 2):
+            return self.text_encoder([text], clip_skip=clip_skip)
+        return prompting.encode_weighted(self.text_encoder, text, clip_skip)
+
+    @contextlib.contextmanager
+    def prompt_loras(self, prompts: Sequence[str]):
+        """Apply the ``<lora:NAME:W>`` tags of ``prompts`` (from ``lora_dir``) for the duration; yields A1111's
+        "Lora hashes" text ("name: hash, ...") or "" when there are none."""
+        tags: dict[str, prompting.LoraTag] = {}
+        for p in prompts if self.emphasis else ():
+            for tag in prompting.extract_lora_tags(p)[1]:
+                tags.setdefault(tag.name, tag)
+        handles = []
+        try:
+            for tag in tags.values():
+                path = self._lora_file(tag.name)
+                handles.append(self.load_lora(path, 1.0, self.lora_strict,
+                                              scales={"text_encoder": tag.text_encoder, "unet": tag.unet}))
+            yield ", ".join(f"{name}: {lora_hash(h.path)}" for name, h in zip(tags, handles))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _lora_file(self, name: str) -> Path:
+        if self.lora_dir is None:
+            raise ValueError(f"the prompt asks for <lora:{name}:...> but no LoRA folder is set (lora_dir= / "
+                             "--lora-dir)")
+        for suffix in (".safetensors", ".pt", ".ckpt"):
+            if (self.lora_dir / f"{name}{suffix}").is_file():
+                return self.lora_dir / f"{name}{suffix}"
+        raise ValueError(f"<lora:{name}:...>: no {name}.safetensors in {self.lora_dir}")
 
     def denoiser(self, blocks: int = 1):
         """D(x, σ, context, ...) -> x0 around the U-Net (the 9-channel one concatenates its extra inputs).
@@ -242,10 +298,15 @@ class Pipeline(Applications):
     def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
         """Classifier-free guidance over the denoiser; the unconditional context is encoded once per call."""
         extra = {k: v.to(self.device, self.dtype) for k, v in (extra or {}).items()}
-        cond = {"context": self.encode_prompts(req.prompts, req.clip_skip), **extra}
+        context = self.encode_prompts(req.prompts, req.clip_skip)
+        cond = {"context": context, **extra}
         if req.guidance == 1.0:
             return conditioned(self.denoiser(), **cond)
-        uncond = {"context": self.encode_prompts(req.negatives, req.clip_skip), **extra}
+        uncond_context = self.encode_prompts(req.negatives, req.clip_skip, context.shape[1] // self.text_encoder.max_length)
+        if uncond_context.shape[1] > context.shape[1]:   # the negative is the longer: pad the prompt's chunks
+            cond["context"] = self.encode_prompts(req.prompts, req.clip_skip,
+                                                  uncond_context.shape[1] // self.text_encoder.max_length)
+        uncond = {"context": uncond_context, **extra}
         return classifier_free(self.denoiser(blocks=2), cond, uncond, req.guidance, req.guidance_rescale)
 
     def sample(self, denoiser, x, sigmas, req: Request, generators, callback=None, progress=True) -> torch.Tensor:
@@ -360,14 +421,32 @@ class Pipeline(Applications):
         """Apply a LoRA / LyCORIS / diffusers-PEFT / ldm adapter file at ``scale``; several stack. Returns a
         handle (``.remove()``, ``.set_scale(s)``, ``.fuse()``). ``strict=False``: layers this model lacks are
         skipped with a warning instead of an error. (``ldm.checkpoints.adapters``)"""
-        if not hasattr(self, "adapters"):
-            self.adapters = Patches()
         return load_adapter(self.adapter_models(), path, scale, strict, self.adapters, scales)
 
     def unload_lora(self) -> None:
         """Remove every adapter loaded with ``load_lora``: the base weights, bit for bit."""
-        if hasattr(self, "adapters"):
-            self.adapters.clear()
+        self.adapters.clear()
+
+    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds) as ``token``
+        (default: the file's stem); a prompt's ``token`` stands for all of its vectors. Returns the tokens."""
+        tokens = {}
+        for name, vectors in read_embedding(path, token, self.text_encoder.hidden_size).items():
+            self.text_encoder.add_embedding(name, vectors.to(self.dtype))
+            tokens[name] = vectors.shape[0]
+        return list(tokens)
+
+    def load_embeddings_dir(self, folder) -> list[str]:
+        """Every embedding file in ``folder``, each under its stem (A1111's embeddings folder); files for
+        another text encoder are skipped with a warning."""
+        loaded = []
+        for path in sorted(Path(folder).iterdir()):
+            if path.suffix in (".pt", ".safetensors", ".bin"):
+                try:
+                    loaded += self.load_textual_inversion(path)
+                except ValueError as exc:
+                    warnings.warn(f"skipped embedding {path.name}: {exc}", stacklevel=2)
+        return loaded
 
 
 class _InpaintingInput(torch.nn.Module):
