@@ -1,5 +1,6 @@
 """A1111 prompt syntax: parse_emphasis against A1111's documented examples and awkward inputs, chunking of
 long prompts and BREAK, emphasis in the context, plain prompts bit-identical, <lora:...> tags."""
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +93,36 @@ def test_long_prompts_become_chunks_and_the_negative_is_padded(pipe):
     assert broken.shape[1] == 2 * 77
     images = pipe([long], negative_prompt="blurry", steps=2, seed=0, output_type="np", progress=False)
     assert images.shape[0] == 1
+
+
+def test_a1111_png_regenerated_from_png_uses_its_emphasis_and_lora_tag(sd1_folder, tmp_path):
+    """An A1111 infotext with (x:1.5) and <lora:...>: `ldm generate --from-png` reads the emphasis and the tag
+    (from --lora-dir), records Lora hashes, and --no-emphasis draws another image."""
+    import subprocess
+    import sys
+
+    from adapter_files import diffusers_pipeline, peft_lora_file
+    from PIL import Image, PngImagePlugin
+
+    lora, _ = peft_lora_file(diffusers_pipeline(sd1_folder), tmp_path / "loras")
+    lora.rename(tmp_path / "loras" / "style.safetensors")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a (red:1.5) apple <lora:style:0.8>\nNegative prompt: blurry\n"
+                                "Steps: 3, Sampler: DDIM, CFG scale: 5, Seed: 7, Size: 32x32")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a1111.png", pnginfo=info)
+
+    def generate(name, *flags):
+        subprocess.run([sys.executable, "-m", "ldm", "generate", "--from-png", str(tmp_path / "a1111.png"),
+                        "--model", str(sd1_folder), "--lora-dir", str(tmp_path / "loras"), "-q",
+                        "-o", str(tmp_path / name), *flags], check=True, capture_output=True)
+        return Image.open(tmp_path / name)
+
+    ours = generate("ours.png")
+    assert 'Lora hashes: "style: ' in ours.info["parameters"]
+    pipe = Pipeline.from_pretrained(sd1_folder, lora_dir=tmp_path / "loras")
+    same = pipe("a (red:1.5) apple <lora:style:0.8>", negative_prompt="blurry", steps=3, sampler="ddim",
+                guidance=5, seed=7, height=32, width=32, progress=False)[0]
+    assert abs(np.asarray(same, dtype=int) - np.asarray(ours, dtype=int)).max() <= 1
+    literal = generate("literal.png", "--no-emphasis")
+    assert np.asarray(literal).tolist() != np.asarray(ours).tolist()
+    assert not pipe.adapters.owners()                              # the tag's LoRA came off after the call
