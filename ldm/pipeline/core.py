@@ -27,14 +27,13 @@ from tqdm.auto import tqdm
 from ldm import assets
 from ldm.checkpoints import load, save_diffusers
 from ldm.checkpoints.adapters import Patches, load_adapter
-from ldm.checkpoints.embeddings import read_embedding
 from ldm.denoiser import Denoiser
 from ldm.devices import dtype_name, resolve_device, resolve_dtype
 from ldm.guidance import classifier_free, conditioned
 from ldm.models.conv import pack_for_inference, unpack
 from ldm.pipeline import images as img
 from ldm.pipeline.applications import Applications
-from ldm.pipeline.png_info import GenerationInfo, attach, lora_hash, weights_hash
+from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
 from ldm.pipeline import prompting
 from ldm.rng import generators_for, randn
 from ldm.samplers import get_sampler
@@ -73,7 +72,7 @@ class Request:
         return len(self.prompts)
 
 
-class Pipeline(Applications):
+class Pipeline(prompting.PromptFeatures, Applications):
     """Text-to-image (``__call__``) plus img2img / inpaint / denoise / anomaly / upscale (``Applications``)."""
 
     def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=torch.float32, compile=False,
@@ -251,41 +250,6 @@ class Pipeline(Applications):
         index = torch.tensor([unique.index(p) for p in prompts], device=table.device)
         return table[index].to(self.device, self.dtype)
 
-    def _encode_one(self, prompt: str, clip_skip=None) -> torch.Tensor:
-        text = prompting.extract_lora_tags(prompt)[0] if self.emphasis else prompt
-        plain = not self.emphasis or not prompting.has_syntax(text)
-        if plain and (not self.emphasis or len(self.text_encoder.token_runs(text)) <= self.text_encoder.max_length - 2):
-            return self.text_encoder([text], clip_skip=clip_skip)
-        return prompting.encode_weighted(self.text_encoder, text, clip_skip)
-
-    @contextlib.contextmanager
-    def prompt_loras(self, prompts: Sequence[str]):
-        """Apply the ``<lora:NAME:W>`` tags of ``prompts`` (from ``lora_dir``) for the duration; yields A1111's
-        "Lora hashes" text ("name: hash, ...") or "" when there are none."""
-        tags: dict[str, prompting.LoraTag] = {}
-        for p in prompts if self.emphasis else ():
-            for tag in prompting.extract_lora_tags(p)[1]:
-                tags.setdefault(tag.name, tag)
-        handles = []
-        try:
-            for tag in tags.values():
-                path = self._lora_file(tag.name)
-                handles.append(self.load_lora(path, 1.0, self.lora_strict,
-                                              scales={"text_encoder": tag.text_encoder, "unet": tag.unet}))
-            yield ", ".join(f"{name}: {lora_hash(h.path)}" for name, h in zip(tags, handles))
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _lora_file(self, name: str) -> Path:
-        if self.lora_dir is None:
-            raise ValueError(f"the prompt asks for <lora:{name}:...> but no LoRA folder is set (lora_dir= / "
-                             "--lora-dir)")
-        for suffix in (".safetensors", ".pt", ".ckpt"):
-            if (self.lora_dir / f"{name}{suffix}").is_file():
-                return self.lora_dir / f"{name}{suffix}"
-        raise ValueError(f"<lora:{name}:...>: no {name}.safetensors in {self.lora_dir}")
-
     def denoiser(self, blocks: int = 1):
         """D(x, σ, context, ...) -> x0 around the U-Net (the 9-channel one concatenates its extra inputs).
         ``blocks``: how many stacked copies of the image batch one call carries (2 under classifier-free
@@ -426,28 +390,6 @@ class Pipeline(Applications):
     def unload_lora(self) -> None:
         """Remove every adapter loaded with ``load_lora``: the base weights, bit for bit."""
         self.adapters.clear()
-
-    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
-        """Add a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds) as ``token``
-        (default: the file's stem); a prompt's ``token`` stands for all of its vectors. Returns the tokens."""
-        tokens = {}
-        for name, vectors in read_embedding(path, token, self.text_encoder.hidden_size).items():
-            self.text_encoder.add_embedding(name, vectors.to(self.dtype))
-            tokens[name] = vectors.shape[0]
-        return list(tokens)
-
-    def load_embeddings_dir(self, folder) -> list[str]:
-        """Every embedding file in ``folder``, each under its stem (A1111's embeddings folder); files for
-        another text encoder are skipped with a warning."""
-        loaded = []
-        for path in sorted(Path(folder).iterdir()):
-            if path.suffix in (".pt", ".safetensors", ".bin"):
-                try:
-                    loaded += self.load_textual_inversion(path)
-                except ValueError as exc:
-                    warnings.warn(f"skipped embedding {path.name}: {exc}", stacklevel=2)
-        return loaded
-
 
 class _InpaintingInput(torch.nn.Module):
     """The 9-channel inpainting U-Net's input: cat[x_t (scaled by the denoiser), mask, masked-image latents]

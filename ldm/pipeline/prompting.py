@@ -16,10 +16,17 @@ is ldm's own.
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 import torch
+
+from ldm.checkpoints.embeddings import read_embedding
+from ldm.pipeline.png_info import lora_hash
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK = ["BREAK", -1.0]
@@ -197,3 +204,65 @@ def pad_chunks(context: torch.Tensor, chunks: int, empty: torch.Tensor) -> torch
     if missing <= 0:
         return context
     return torch.cat([context, empty.expand(context.shape[0], -1, -1).repeat(1, missing, 1)], dim=1)
+
+
+class PromptFeatures:
+    """The Pipeline's side of A1111's habits (a mixin): prompts in its syntax, ``<lora:...>`` tags from
+    ``lora_dir``, textual-inversion embeddings. Expects ``text_encoder``, ``emphasis``, ``lora_dir``,
+    ``lora_strict``, ``dtype`` and ``load_lora``."""
+
+    def _encode_one(self, prompt: str, clip_skip=None) -> torch.Tensor:
+        text = extract_lora_tags(prompt)[0] if self.emphasis else prompt
+        plain = not self.emphasis or not has_syntax(text)
+        if plain and (not self.emphasis or len(self.text_encoder.token_runs(text)) <= self.text_encoder.max_length - 2):
+            return self.text_encoder([text], clip_skip=clip_skip)
+        return encode_weighted(self.text_encoder, text, clip_skip)
+
+    @contextlib.contextmanager
+    def prompt_loras(self, prompts: Sequence[str]):
+        """Apply the ``<lora:NAME:W>`` tags of ``prompts`` (from ``lora_dir``) for the duration; yields A1111's
+        "Lora hashes" text ("name: hash, ...") or "" when there are none."""
+        tags: dict[str, LoraTag] = {}
+        for p in prompts if self.emphasis else ():
+            for tag in extract_lora_tags(p)[1]:
+                tags.setdefault(tag.name, tag)
+        handles = []
+        try:
+            for tag in tags.values():
+                path = self._lora_file(tag.name)
+                handles.append(self.load_lora(path, 1.0, self.lora_strict,
+                                              scales={"text_encoder": tag.text_encoder, "unet": tag.unet}))
+            yield ", ".join(f"{name}: {lora_hash(h.path)}" for name, h in zip(tags, handles))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _lora_file(self, name: str) -> Path:
+        if self.lora_dir is None:
+            raise ValueError(f"the prompt asks for <lora:{name}:...> but no LoRA folder is set (lora_dir= / "
+                             "--lora-dir)")
+        for suffix in (".safetensors", ".pt", ".ckpt"):
+            if (self.lora_dir / f"{name}{suffix}").is_file():
+                return self.lora_dir / f"{name}{suffix}"
+        raise ValueError(f"<lora:{name}:...>: no {name}.safetensors in {self.lora_dir}")
+
+    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds) as ``token``
+        (default: the file's stem); a prompt's ``token`` stands for all of its vectors. Returns the tokens."""
+        tokens = {}
+        for name, vectors in read_embedding(path, token, self.text_encoder.hidden_size).items():
+            self.text_encoder.add_embedding(name, vectors.to(self.dtype))
+            tokens[name] = vectors.shape[0]
+        return list(tokens)
+
+    def load_embeddings_dir(self, folder) -> list[str]:
+        """Every embedding file in ``folder``, each under its stem (A1111's embeddings folder); files for
+        another text encoder are skipped with a warning."""
+        loaded = []
+        for path in sorted(Path(folder).iterdir()):
+            if path.suffix in (".pt", ".safetensors", ".bin"):
+                try:
+                    loaded += self.load_textual_inversion(path)
+                except ValueError as exc:
+                    warnings.warn(f"skipped embedding {path.name}: {exc}", stacklevel=2)
+        return loaded
