@@ -243,7 +243,10 @@ def run_batch(options: BatchOptions) -> int:
         raise BatchError(f"{prompts.source}: no prompts to draw")
     out = check_writable(options.out)
     device = f"cuda:{world.local_rank}" if options.device == "cuda" and world.size > 1 else options.device
-    pipe = load_pipeline(options.model, device=device, dtype=options.dtype)  # one GPU per process
+    pipe = load_pipeline(options.model, device=device, dtype=options.dtype,  # one GPU per process
+                         emphasis=not getattr(options, "no_emphasis", False),
+                         lora_dir=getattr(options, "lora_dir", None), lora_strict=getattr(options, "strict", True),
+                         embeddings_dir=getattr(options, "embeddings_dir", None))
     if options.vae_tiling:
         pipe.enable_vae_tiling()
     if world.rank == 0:     # a small model's text encoder may read fewer tokens than CLIP's 75

@@ -18,11 +18,29 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> 
         parser.add_argument("--dtype", metavar="T", help="float32 (default), float16, bfloat16")
 
 
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """A1111's prompt habits (docs/adapters.md): <lora:NAME:W> tags, an embeddings folder, emphasis syntax."""
+    parser.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:W> tags find NAME.safetensors")
+    parser.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion files, each used by its stem")
+    parser.add_argument("--no-emphasis", action="store_true", help="read (x:1.2), [x], BREAK literally")
+    parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                        help="a LoRA key that matches no layer is an error (--no-strict: a warning)")
+
+
+def prompt_options(args) -> dict:
+    """Pipeline keyword arguments from :func:`add_prompt_arguments`' flags (none if the command has none)."""
+    if not hasattr(args, "no_emphasis"):
+        return {}
+    return {"emphasis": not args.no_emphasis, "lora_dir": args.lora_dir, "embeddings_dir": args.embeddings_dir,
+            "lora_strict": args.strict}
+
+
 def pipeline_from(args, **kwargs):
     """The Pipeline for ``--model/--device/--dtype`` (names are checked before any weights load)."""
     from ldm.pipeline import load_pipeline  # only the commands that draw pay for importing torch
 
-    return load_pipeline(args.model, device=args.device, dtype=getattr(args, "dtype", None), **kwargs)
+    return load_pipeline(args.model, device=args.device, dtype=getattr(args, "dtype", None),
+                         **prompt_options(args), **kwargs)
 
 
 def _parsed(text: str, kind, label: str = ""):

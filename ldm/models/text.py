@@ -165,6 +165,31 @@ def _without_init(build, config: TextEncoderConfig) -> nn.Module | None:
     return model
 
 
+class _ExtraTokens:
+    """Rows for ids past an nn.Embedding's table, by forward hooks: ids are clamped into the table on the
+    way in, and the rows of the extra ids replaced on the way out (A1111 patches its embedding layer alike)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        self.base = embedding.num_embeddings
+        self.vectors = torch.empty(0, embedding.embedding_dim, dtype=embedding.weight.dtype)
+        self._ids: torch.Tensor | None = None
+        embedding.register_forward_pre_hook(self._clamp)
+        embedding.register_forward_hook(self._fill)
+
+    def _clamp(self, module, args):
+        self._ids = args[0]
+        return (args[0].clamp(max=self.base - 1), *args[1:])
+
+    def _fill(self, module, args, out):
+        ids, self._ids = self._ids, None
+        extra = ids >= self.base
+        if not extra.any():
+            return out
+        out = out.clone()
+        out[extra] = self.vectors.to(out)[ids[extra] - self.base]
+        return out
+
+
 class TextEncoder(nn.Module):
     """prompts -> context (B, L, D), L = config.max_position_embeddings (77 in SD; fewer in a small model).
     ``tokenizer``: a CLIPTokenizer (default: the bundled one). ``init_weights=False`` leaves the weights
@@ -187,7 +212,57 @@ class TextEncoder(nn.Module):
         """(B, L) token ids, padded for this family; warns, naming the cut words, past L tokens."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return tokenize(self.tokenizer, prompts, self.pad_id, self.max_length)
+        vectors = getattr(self, "_vectors", {})
+
+        def expand(ids: list[int]) -> list[int]:
+            return [j for i in ids for j in vectors.get(i, [i])]
+
+        return tokenize(self.tokenizer, prompts, self.pad_id, self.max_length, expand=expand if vectors else None)
+
+    def token_runs(self, text: str) -> list[list[int]]:
+        """``text``'s token ids without BOS/EOS, one run per token; a textual-inversion token becomes the run of
+        its vectors' ids (kept together by the prompt chunker)."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        vectors = getattr(self, "_vectors", {})
+        return [vectors.get(i, [i]) for i in ids]
+
+    def chunk_ids(self, ids: list[int]) -> torch.Tensor:
+        """(L,) ids of one chunk: BOS, ``ids`` (at most L - 2), EOS, then this family's padding."""
+        if len(ids) > self.max_length - 2:
+            raise ValueError(f"a chunk holds at most {self.max_length - 2} tokens, got {len(ids)}")
+        out = torch.full((self.max_length,), self.pad_id, dtype=torch.long)
+        row = [self.tokenizer.bos_token_id, *ids, self.tokenizer.eos_token_id]
+        out[: len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+    def add_embedding(self, token: str, vectors: torch.Tensor) -> list[int]:
+        """A textual-inversion embedding (Gal et al. 2022): ``vectors`` (N, D) become new tokens ``token``,
+        ``token_1`` ... ``token_{N-1}`` (diffusers' names), and ``token`` in a prompt stands for all N.
+        The base embedding table is untouched (its state dict stays the model's); returns the new ids."""
+        vectors = vectors.reshape(-1, self.hidden_size)
+        names = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
+        clash = [n for n in names if n in self.tokenizer.get_vocab()]
+        if clash:
+            raise ValueError(f"token {clash[0]!r} is already in the tokenizer's vocabulary; pick another token")
+        self.tokenizer.add_tokens(names)
+        ids = self.tokenizer.convert_tokens_to_ids(names)
+        table = self._extra_table()
+        if ids != list(range(table.base + table.vectors.shape[0], table.base + table.vectors.shape[0] + len(ids))):
+            raise ValueError(f"the tokenizer gave {token!r} ids {ids}, not the next free rows")
+        table.vectors = torch.cat([table.vectors, vectors.detach().to(table.vectors)])
+        self._vectors = {**getattr(self, "_vectors", {}), ids[0]: ids}
+        return ids
+
+    def _extra_table(self) -> _ExtraTokens:
+        if not hasattr(self, "_extra"):
+            self._extra = _ExtraTokens(self.input_embeddings())
+        return self._extra
+
+    def input_embeddings(self) -> nn.Embedding:
+        """The token-embedding table (CLIPTextModel's or open_clip's)."""
+        if self.config.backend == "open_clip":
+            return self.model.token_embedding
+        return self.model.get_input_embeddings()
 
     # -- context -----------------------------------------------------------------------------------------
     def forward(self, prompts: str | list[str], clip_skip: int | None = None) -> torch.Tensor:

@@ -31,13 +31,16 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def tokenize(tokenizer, prompts: list[str], pad_id: int, max_length: int = MAX_LENGTH) -> torch.Tensor:
+def tokenize(tokenizer, prompts: list[str], pad_id: int, max_length: int = MAX_LENGTH, expand=None) -> torch.Tensor:
     """Token ids (B, max_length): start token, the prompt, end token, then ``pad_id`` up to ``max_length``.
 
     A prompt longer than the context keeps its first ``max_length - 2`` tokens and its end token, as CLIP and
-    diffusers do; a warning names the words that were cut.
+    diffusers do; a warning names the words that were cut. ``expand``: ids -> ids (None: unchanged), e.g. a
+    multi-vector embedding's token into its vectors' ids.
     """
     rows = tokenizer(list(prompts), add_special_tokens=True).input_ids
+    if expand is not None:
+        rows = [expand(ids) or ids for ids in rows]
     out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     for i, ids in enumerate(rows):
         if len(ids) > max_length:

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from ldm.pipeline.prompting import encode_text, pad_chunks
+
 AESTHETIC_SCORE = 6.0            # diffusers StableDiffusionXLImg2ImgPipeline defaults
 NEGATIVE_AESTHETIC_SCORE = 2.5
 
@@ -63,26 +65,44 @@ class TextConditioner:
     def context_dim(self) -> int:
         return sum(e.hidden_size for e in self.encoders)
 
-    def encode_one(self, prompt: str, clip_skip: int | None = None) -> dict[str, torch.Tensor]:
-        """One prompt -> {"context": (1, L, D)} (+ {"text_embeds": (1, P)}), every encoder on its own tokens."""
+    @property
+    def chunk_length(self) -> int:
+        """Tokens per context chunk (77: BOS + 75 + EOS); long prompts give a whole number of chunks."""
+        return self.encoders[0].max_length
+
+    def chunks(self, context: torch.Tensor) -> int:
+        return context.shape[1] // self.chunk_length
+
+    def encode_one(self, prompt: str, clip_skip: int | None = None, emphasis: bool = True) -> dict[str, torch.Tensor]:
+        """One prompt -> {"context": (1, L·k, D)} (+ {"text_embeds": (1, P)}), every encoder on its own tokens;
+        with ``emphasis``, read in A1111's syntax (``ldm.pipeline.prompting.encode_text``)."""
         contexts, pooled = [], None
         for k, encoder in enumerate(self.encoders):
-            if self.pooled and k == len(self.encoders) - 1:
-                ids = encoder.tokenize([prompt]).to(next(encoder.model.parameters()).device)
-                context, pooled = encoder.encode_pooled(ids, clip_skip)
-            else:
-                context = encoder([prompt], clip_skip=clip_skip)
+            last = self.pooled and k == len(self.encoders) - 1
+            context, p = encode_text(encoder, prompt, clip_skip, emphasis=emphasis, pooled=last)
             contexts.append(context)
+            pooled = p if last else pooled
+        if len({c.shape[1] for c in contexts}) > 1:
+            raise ValueError(f"the text encoders split {prompt[:60]!r} into different numbers of 77-token chunks "
+                             f"({[c.shape[1] // self.chunk_length for c in contexts]}); is an embedding loaded into "
+                             "only one of them?")
         out = {"context": torch.cat(contexts, dim=-1) if len(contexts) > 1 else contexts[0]}
         if pooled is not None:
             out["text_embeds"] = pooled
         return out
 
-    def encode(self, prompts: Sequence[str], clip_skip: int | None = None) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: Sequence[str], clip_skip: int | None = None, *, emphasis: bool = True,
+               chunks: int = 1) -> dict[str, torch.Tensor]:
         """(B, ...) conditions; each distinct prompt is encoded once, on its own, so no prompt's conditions
-        depend on what else is in the batch."""
+        depend on what else is in the batch. Contexts of fewer chunks than the longest prompt's (or ``chunks``)
+        are padded with the empty prompt's chunk, as A1111 does."""
         unique = list(dict.fromkeys(prompts))
-        rows = [self.encode_one(p, clip_skip) for p in unique]
+        rows = [self.encode_one(p, clip_skip, emphasis) for p in unique]
+        chunks = max(chunks, *(self.chunks(r["context"]) for r in rows))
+        if any(self.chunks(r["context"]) != chunks for r in rows):
+            empty = self.encode_one("", clip_skip, emphasis)["context"]
+            for r in rows:
+                r["context"] = pad_chunks(r["context"], chunks, empty)
         index = [unique.index(p) for p in prompts]
         return {key: torch.cat([rows[i][key] for i in index]) for key in rows[0]}
 

@@ -14,9 +14,7 @@ import contextlib
 import functools
 import inspect
 import math
-import random
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,16 +24,18 @@ from tqdm.auto import tqdm
 
 from ldm import assets
 from ldm.checkpoints import load, save_diffusers
-from ldm.checkpoints.lora import load_lora
+from ldm.checkpoints.adapters import Patches, load_adapter
 from ldm.denoiser import Denoiser
 from ldm.devices import dtype_name, resolve_device, resolve_dtype
 from ldm.guidance import classifier_free, conditioned
 from ldm.models.conv import pack_for_inference, unpack
 from ldm.pipeline import images as img
+from ldm.pipeline import prompting
 from ldm.pipeline.applications import Applications
 from ldm.pipeline.conditioning import SizeConditioning, TextConditioner
 from ldm.pipeline.memory import check_memory
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
+from ldm.pipeline.request import Request, as_prompts, as_seeds, finite, positive_int
 from ldm.rng import generators_for, randn
 from ldm.samplers import get_sampler
 from ldm.schedules import NoiseSchedule
@@ -52,41 +52,22 @@ class DefaultModelMissing(FileNotFoundError):
     """The shipped default model is not installed in this copy of ldm."""
 
 
-@dataclass
-class Request:
-    """One call's validated settings, one entry per image in the list fields."""
-
-    prompts: list[str]
-    negatives: list[str]
-    seeds: list[int]
-    steps: int
-    guidance: float
-    sampler: str
-    spacing: str | None
-    eta: float
-    height: int
-    width: int
-    guidance_rescale: float = 0.0
-    clip_skip: int | None = None
-    negative_given: bool = True          # False: no negative prompt (SDXL may then use zeros, see conditioning)
-    sizes: SizeConditioning | None = None   # SDXL micro-conditioning (None: the requested size, crop (0, 0))
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts)
-
-
-class Pipeline(Applications):
+class Pipeline(prompting.PromptFeatures, Applications):
     """Text-to-image (``__call__``) plus img2img / inpaint / denoise / anomaly / upscale (``Applications``)."""
 
     def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=torch.float32, compile=False,
-                 source: str | Path | None = None, lean: bool | None = None):
+                 source: str | Path | None = None, lean: bool | None = None, emphasis: bool = True,
+                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
+                 lora_strict: bool = True):
         """``Pipeline()`` loads the shipped default model; ``components`` (``ldm.checkpoints.Components``) wraps
         models already in memory. ``vae_dtype`` other than float32 is a forced half-precision decode.
         ``lean``: keep one copy of each convolution weight, the CPU-packed one (``ldm.models.conv``; for SD 1.5
         in float32 that saves ~2 GB). Default: on when the Pipeline loaded the weights itself (``Pipeline()``,
         ``from_pretrained``), off for ``components`` whose tensors the caller may hold. Working on the weights
-        by hand (an optimizer over ``pipe.unet.parameters()``)? Turn it off with ``pipe.set_lean(False)``."""
+        by hand (an optimizer over ``pipe.unet.parameters()``)? Turn it off with ``pipe.set_lean(False)``.
+        ``emphasis``: read prompts in A1111's syntax (``ldm.pipeline.prompting``); ``lora_dir``: where
+        ``<lora:NAME:W>`` tags find NAME.safetensors; ``embeddings_dir``: textual-inversion files loaded now,
+        each under its file's stem."""
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.vae_dtype = resolve_dtype(vae_dtype)
         if components is None:
@@ -114,6 +95,11 @@ class Pipeline(Applications):
         # batching gains little; on GPUs batching is the speed, and their kernels are not bitwise stable anyway.
         self.batch_invariant = self.device.type == "cpu"
         self.set_lean(bool(lean))
+        self.emphasis, self.lora_strict = emphasis, lora_strict
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self.adapters = Patches()
+        if embeddings_dir is not None:
+            self.load_embeddings_dir(embeddings_dir)
 
     def set_lean(self, lean: bool) -> Pipeline:
         """Keep only the packed copy of the U-Net's and VAE's convolution weights (True), or both copies and the
@@ -125,7 +111,7 @@ class Pipeline(Applications):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, *, vae_dtype=torch.float32, compile=False,
-                        lean: bool = True) -> Pipeline:
+                        lean: bool = True, **options) -> Pipeline:
         """Load an SD single file (.safetensors / .ckpt), a diffusers folder, or a folder saved by ldm."""
         path = Path(path)
         if not path.exists():
@@ -133,7 +119,7 @@ class Pipeline(Applications):
                              "diffusers/ldm model folder)")
         resolve_device(device), resolve_dtype(dtype)  # fail on a bad name before loading gigabytes
         return cls(load(path), device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path,
-                   lean=lean)
+                   lean=lean, **options)
 
     # ------------------------------------------------------------------ text-to-image
     def __call__(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m",
@@ -162,19 +148,20 @@ class Pipeline(Applications):
             gray = torch.zeros(1, 3, req.height, req.width)
             extra = self.inpaint_conditioning(gray, torch.ones(1, 1, req.height, req.width))
             extra = {k: v.expand(req.batch, *v.shape[1:]) for k, v in extra.items()}
-        denoiser = self.guided_denoiser(req, extra)
-        x = noise.to(self.device, torch.float32) * self.initial_scale(sigmas, req.spacing)
-        z = self.sample(denoiser, x, sigmas, req, generators, callback, progress)
-        return self.finish(z, req, output_type)
+        with self.prompt_loras(req.prompts) as hashes:
+            denoiser = self.guided_denoiser(req, extra)
+            x = noise.to(self.device, torch.float32) * self.initial_scale(sigmas, req.spacing)
+            z = self.sample(denoiser, x, sigmas, req, generators, callback, progress)
+        return self.finish(z, req, output_type, **{"Lora hashes": hashes or None})
 
     # ------------------------------------------------------------------ validation (before any heavy work)
     def request(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m", height=None,
                 width=None, seed=None, num_images_per_prompt=1, eta=0.0, guidance_rescale=0.0, clip_skip=None,
                 spacing=None, output_type="pil", sizes: SizeConditioning | None = None) -> Request:
         """Check every argument and fill the model's defaults; raises ValueError naming the bad value."""
-        prompts = _as_prompts(prompt, "prompt")
-        n = _positive_int(num_images_per_prompt, "num_images_per_prompt")
-        negatives = [""] * len(prompts) if negative_prompt is None else _as_prompts(negative_prompt, "negative_prompt")
+        prompts = as_prompts(prompt, "prompt")
+        n = positive_int(num_images_per_prompt, "num_images_per_prompt")
+        negatives = [""] * len(prompts) if negative_prompt is None else as_prompts(negative_prompt, "negative_prompt")
         if len(negatives) == 1 and len(prompts) > 1:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
@@ -185,23 +172,23 @@ class Pipeline(Applications):
         height = (self.defaults.get("height") or native) if height is None else height
         width = (self.defaults.get("width") or native) if width is None else width
         img.check_size(height, width, max(8, self.vae_scale_factor))
-        steps = _positive_int(self.defaults["steps"] if steps is None else steps, "steps")
-        guidance = _finite(self.defaults["guidance"] if guidance is None else guidance, "guidance")
+        steps = positive_int(self.defaults["steps"] if steps is None else steps, "steps")
+        guidance = finite(self.defaults["guidance"] if guidance is None else guidance, "guidance")
         sampler_fn = get_sampler(sampler)
         if spacing is not None and spacing not in (*CONTINUOUS_SPACINGS, "leading", "trailing", "linspace"):
             raise ValueError(f"unknown spacing {spacing!r}; use leading, trailing, linspace, karras or exponential")
-        eta = _finite(eta, "eta")
+        eta = finite(eta, "eta")
         if eta < 0 or (eta and "eta" not in inspect.signature(sampler_fn).parameters):
             raise ValueError(f"eta={eta} is not valid for sampler {sampler!r} (eta >= 0, for samplers that take it)")
-        if not 0.0 <= _finite(guidance_rescale, "guidance_rescale") <= 1.0:
+        if not 0.0 <= finite(guidance_rescale, "guidance_rescale") <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if clip_skip is not None:
-            _positive_int(clip_skip, "clip_skip")
+            positive_int(clip_skip, "clip_skip")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if sizes is not None and not isinstance(sizes, SizeConditioning):
             raise ValueError(f"sizes must be a SizeConditioning, got {type(sizes).__name__}")
-        req = Request(prompts, negatives, _as_seeds(seed, len(prompts)), steps, guidance, sampler, spacing, eta,
+        req = Request(prompts, negatives, as_seeds(seed, len(prompts)), steps, guidance, sampler, spacing, eta,
                       height, width, float(guidance_rescale), clip_skip, negative_prompt is not None, sizes)
         check_memory(self, req)  # a request too big for the machine is refused here, not by the OOM killer
         return req
@@ -238,17 +225,19 @@ class Pipeline(Applications):
         spacing = spacing or self.schedule.config.timestep_spacing
         return s0 if spacing in CONTINUOUS_SPACINGS else math.sqrt(1.0 + s0 * s0)
 
-    def encode_prompts(self, prompts: Sequence[str], clip_skip=None) -> torch.Tensor:
-        """(B, 77, D) contexts; each distinct prompt is encoded once, on its own (so no prompt's context depends
-        on the others in the batch)."""
-        return self.text_conditions(prompts, clip_skip)["context"]
+    def encode_prompts(self, prompts: Sequence[str], clip_skip=None, chunks: int = 1) -> torch.Tensor:
+        """(B, L·k, D) contexts (L = 77; k chunks: the longest prompt's, at least ``chunks``); each distinct prompt
+        is encoded once, on its own (so no prompt's context depends on the others in the batch)."""
+        return self.text_conditions(prompts, clip_skip, chunks)["context"]
 
-    def text_conditions(self, prompts: Sequence[str], clip_skip=None) -> dict[str, torch.Tensor]:
-        """The U-Net's text conditions: {"context"} (+ SDXL's {"text_embeds"}), ``ldm.pipeline.conditioning``."""
+    def text_conditions(self, prompts: Sequence[str], clip_skip=None, chunks: int = 1) -> dict[str, torch.Tensor]:
+        """The U-Net's text conditions: {"context"} (+ SDXL's {"text_embeds"}), ``ldm.pipeline.conditioning``.
+        Prompts use A1111's syntax unless ``emphasis`` is off (``ldm.pipeline.prompting``); a prompt without
+        any is encoded exactly as a plain 77-token prompt."""
         with torch.no_grad(), contextlib.ExitStack() as stack:
             for encoder in self.text_encoders:
                 stack.enter_context(self.placed(encoder))
-            conditions = self.conditioner.encode(prompts, clip_skip)
+            conditions = self.conditioner.encode(prompts, clip_skip, emphasis=self.emphasis, chunks=chunks)
         return {k: v.to(self.device, self.dtype) for k, v in conditions.items()}
 
     def denoiser(self, blocks: int = 1):
@@ -273,8 +262,10 @@ class Pipeline(Applications):
             return conditioned(self.denoiser(), **cond)
         if self.conditioner.zeros_for_empty and not req.negative_given:   # SDXL: zeros, not the encoded ""
             text = {k: torch.zeros_like(cond[k]) for k in ("context", "text_embeds") if k in cond}
-        else:
-            text = self.text_conditions(req.negatives, req.clip_skip)
+        else:   # A1111 pads prompt and negative to the same number of 77-token chunks
+            text = self.text_conditions(req.negatives, req.clip_skip, self.conditioner.chunks(cond["context"]))
+            if text["context"].shape[1] > cond["context"].shape[1]:
+                cond.update(self.text_conditions(req.prompts, req.clip_skip, self.conditioner.chunks(text["context"])))
         uncond = {**text, **added(True), **extra}
         return classifier_free(self.denoiser(blocks=2), cond, uncond, req.guidance, req.guidance_rescale)
 
@@ -392,10 +383,20 @@ class Pipeline(Applications):
         save_diffusers(self.components, folder)
         return Path(folder)
 
-    def load_lora(self, path, scale: float = 1.0):
-        """Apply a LoRA file (made by ``ldm train --lora``) at ``scale``; implemented by ``ldm.lora``."""
-        return load_lora(self, path, scale)
+    def adapter_models(self) -> dict[str, torch.nn.Module]:
+        """The models an adapter file may patch, by the names the files use."""
+        models = {"unet": self.unet, "text_encoder": self.text_encoder}
+        return models if self.text_encoder_2 is None else {**models, "text_encoder_2": self.text_encoder_2}
 
+    def load_lora(self, path, scale: float = 1.0, strict: bool = True, *, scales: dict[str, float] | None = None):
+        """Apply a LoRA / LyCORIS / diffusers-PEFT / ldm adapter file at ``scale``; several stack. Returns a
+        handle (``.remove()``, ``.set_scale(s)``, ``.fuse()``). ``strict=False``: layers this model lacks are
+        skipped with a warning instead of an error. (``ldm.checkpoints.adapters``)"""
+        return load_adapter(self.adapter_models(), path, scale, strict, self.adapters, scales)
+
+    def unload_lora(self) -> None:
+        """Remove every adapter loaded with ``load_lora``: the base weights, bit for bit."""
+        self.adapters.clear()
 
 class _InpaintingInput(torch.nn.Module):
     """The 9-channel inpainting U-Net's input: cat[x_t (scaled by the denoiser), mask, masked-image latents]
@@ -446,46 +447,3 @@ def _load_default():
             "instead: Pipeline.from_pretrained(PATH) or `ldm generate --model PATH ...`, where PATH is an SD "
             ".safetensors/.ckpt file or a diffusers model folder")
     return load(folder)
-
-
-def _as_prompts(value, name: str) -> list[str]:
-    prompts = [value] if isinstance(value, str) else value
-    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
-    if not prompts:
-        raise ValueError(f"{name} is an empty list; give at least one prompt")
-    return list(prompts)
-
-
-def _as_seeds(seed, count: int) -> list[int]:
-    """One seed per image: None draws fresh ones, an int s gives s, s+1, ... (A1111's convention)."""
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**32)
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        seeds = [int(seed) + i for i in range(count)]
-    elif isinstance(seed, (list, tuple)) and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
-                                                 for s in seed):
-        if len(seed) != count:
-            raise ValueError(f"seed lists {len(seed)} seeds for {count} images; give one per image or one int")
-        seeds = [int(s) for s in seed]
-    else:
-        raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
-    if any(not 0 <= s < 2**64 for s in seeds):
-        raise ValueError(f"seeds must be in [0, 2**64), got {seeds}")
-    return seeds
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _finite(value, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value

@@ -102,6 +102,8 @@ class GenerationInfo:
             pairs.append(("CFG Rescale", _number(self.guidance_rescale)))
         if self.extra.get("strength") is not None:
             pairs.append(("Denoising strength", _number(self.extra["strength"])))
+        if self.extra.get("Lora hashes"):
+            pairs.append(("Lora hashes", self.extra["Lora hashes"]))
         text = self.prompt
         if self.negative_prompt:
             text += f"\nNegative prompt: {self.negative_prompt}"
@@ -227,6 +229,19 @@ def weights_hash(path: str | os.PathLike, length: int = 10) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.relative_to(path).as_posix().encode() + b"\0" + _file_sha256(f).encode())
+    return digest.hexdigest()[:length]
+
+
+def lora_hash(path: str | os.PathLike, length: int = 12) -> str:
+    """A1111's "Lora hashes" entry for a file: for .safetensors kohya's "addnet" hash (sha256 of the bytes after
+    the header, so metadata edits keep it), else the file's sha256; the first 12 hex digits."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()[:length]
 
 

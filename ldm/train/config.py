@@ -54,6 +54,7 @@ class LoRAConfig:
     rank: int = 0                        # 0 = no LoRA (full fine-tune or training from scratch)
     alpha: float | None = None           # scale = alpha / rank; None -> alpha = rank
     text_encoder: bool = False           # also adapt the text encoder's q/k/v/out projections
+    format: str = "ldm"                  # lora.safetensors layout: "ldm" (PEFT names) | "kohya" (A1111/ComfyUI)
 
 
 @dataclass
@@ -149,6 +150,8 @@ class TrainConfig:
             raise ConfigError(f"data.caption_dropout={self.data.caption_dropout} must be in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if self.lora.format not in ("ldm", "kohya"):
+            raise ConfigError(f"lora.format={self.lora.format!r}: expected ldm or kohya")
         if self.lora.rank < 0:
             raise ConfigError(f"lora.rank={self.lora.rank} must be >= 0")
         if self.lora.rank and self.init is None:

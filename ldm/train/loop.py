@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", "--model", dest="init", metavar="MODEL",
                         help="model to fine-tune: a path, or 'default' for the shipped model (none: from scratch)")
     parser.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank (needs --init)")
+    parser.add_argument("--lora-format", choices=("ldm", "kohya"), help="lora.safetensors layout (kohya: what "
+                        "A1111 and ComfyUI load)")
     parser.add_argument("--max-steps", type=int, metavar="N")
     parser.add_argument("--batch-size", type=int, metavar="N", help="per process and micro-step")
     parser.add_argument("--lr", type=float, metavar="X")
@@ -57,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {"data.path": args.data, "output": args.output, "init": args.init, "lora.rank": args.lora,
+              "lora.format": getattr(args, "lora_format", None),
               "max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr,
               "checkpoint_every": args.checkpoint_every, "seed": args.seed,
               "data.strict": True if args.strict else None}

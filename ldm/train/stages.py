@@ -20,7 +20,8 @@ from torch import nn
 
 from ldm import losses
 from ldm.checkpoints import Components
-from ldm.checkpoints.lora import TEXT_TARGETS, UNET_TARGETS, adapters, add_lora, lora_state_dict, save_lora
+from ldm.checkpoints.adapters.kohya import save_kohya
+from ldm.checkpoints.adapters.lora import TEXT_TARGETS, UNET_TARGETS, adapters, add_lora, lora_state_dict, save_lora
 from ldm.pipeline import Pipeline
 from ldm.pipeline.images import to_pil, to_unit
 from ldm.rng import randn
@@ -254,8 +255,8 @@ class UNetStage:
 
     def finish(self, module: DiffusionModel, dataset, out: Path) -> Path:
         if self.lora:
-            return save_lora(out / "lora.safetensors",
-                             {"unet": module.unet, "text_encoder": module.text_encoder.model})
+            write = save_kohya if self.cfg.lora.format == "kohya" else save_lora
+            return write(out / "lora.safetensors", {"unet": module.unet, "text_encoder": module.text_encoder.model})
         c = self.components
         comps = Components(module.unet, self.vae, module.text_encoder, c.schedule, c.info)
         return write_model(comps, self.cfg, out / "model")

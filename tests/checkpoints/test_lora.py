@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from train_fixtures import make_shapes, make_vae, unet_overrides
 
 from ldm import Pipeline
-from ldm.checkpoints.lora import UNET_TARGETS, adapters, add_lora, fuse, read_lora, unload
+from ldm.checkpoints.adapters.lora import UNET_TARGETS, adapters, add_lora, fuse, read_lora, unload
 from ldm.train import Trainer
 from ldm.train.build import build_components, write_model
 from ldm.train.config import ConfigError, load_config
@@ -118,3 +118,21 @@ def test_fuse_bakes_the_scaled_delta():
     expected = w0 + 0.5 * (1.0 / 2) * a.lora_B.detach() @ a.lora_A.detach()
     fuse(model)
     assert isinstance(model["to_q"].weight, torch.nn.Parameter) and torch.allclose(model["to_q"].weight, expected)
+
+
+def test_lora_format_kohya_loads_in_diffusers_with_the_same_image(base, tmp_path):
+    from adapter_files import diffusers_images, diffusers_pipeline, ldm_images
+    import numpy as np
+
+    data, vae, folder = base
+    run = tmp_path / "run"
+    Trainer(load_config(None, unet_overrides(
+        data, vae, run, init=folder, max_steps=3, lr=1e-2, **{"lora.rank": 2, "lora.format": "kohya",
+                                                               "vae_from": "null"}))).fit()
+    assert all(k.startswith("lora_unet_") for k in load_file(str(run / "lora.safetensors")))
+    theirs = diffusers_pipeline(folder)
+    theirs.load_lora_weights(str(run / "lora.safetensors"))
+    theirs.fuse_lora(lora_scale=1.0)
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.load_lora(run / "lora.safetensors").format == "kohya/A1111"
+    assert np.abs(ldm_images(pipe) - diffusers_images(theirs)).max() <= 2 / 255

@@ -267,13 +267,14 @@ def test_compile_is_opt_in(folder):
     assert compiled._network.__class__.__name__ == "OptimizedModule" and compiled.unet is compiled._network._orig_mod
 
 
-def test_load_lora_delegates_to_ldm_lora(pipe, monkeypatch, tmp_path):
+def test_load_lora_delegates_to_the_adapters_package(pipe, monkeypatch, tmp_path):
     import ldm.pipeline.core
 
     calls = []
-    monkeypatch.setattr(ldm.pipeline.core, "load_lora", lambda *args: calls.append(args) or "handle")
+    monkeypatch.setattr(ldm.pipeline.core, "load_adapter", lambda *args: calls.append(args) or "handle")
     assert pipe.load_lora(tmp_path / "style.safetensors", 0.5) == "handle"
-    assert calls == [(pipe, tmp_path / "style.safetensors", 0.5)]
+    assert calls == [({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, tmp_path / "style.safetensors", 0.5,
+                      True, pipe.adapters, None)]
 
 
 def test_per_image_calls_keep_an_images_guidance_branches_together():

@@ -1,5 +1,9 @@
-"""LoRA: low-rank adapters on attention projections (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large
-Language Models"). A frozen weight W (out × in) is used as
+"""LoRA: low-rank adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+Two halves. :data:`LORA` is the adapter type the loader reads from community files: kohya's ``lora_down`` /
+``lora_up`` / ``alpha`` (PEFT's ``lora_A`` / ``lora_B`` are renamed to these on reading), linear or
+convolutional (LyCORIS LoCon), with LoCon's Tucker ``lora_mid`` core. The rest trains adapters in ldm: a frozen
+weight W (out × in) is used as
 
     W' = W + scale · (alpha / rank) · B A,      A: rank × in (random), B: out × rank (zeros at the start),
 
@@ -21,10 +25,29 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from ldm.checkpoints.adapters.base import AdapterType, Tensors, as_float, rank_scale, rebuild_tucker
 from ldm.checkpoints.tensor_io import read_safetensors, write_safetensors
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def lora_delta(t: Tensors, alpha: float | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """ΔW = (alpha / r) · up · down. Convolutions: down (r, in, kh, kw), up (out, r, 1, 1); with a LoCon Tucker
+    core (LyCORIS ``use_tucker``) down (r, in, 1, 1) -> mid (r, r, kh, kw) -> up (out, r, 1, 1)."""
+    down, up = as_float(t["lora_down.weight"]), as_float(t["lora_up.weight"])
+    scale = rank_scale(alpha, down.shape[0])
+    if "lora_mid.weight" in t:
+        delta = rebuild_tucker(as_float(t["lora_mid.weight"]), up.flatten(1), down.flatten(1).T)
+    else:
+        delta = up.flatten(1) @ down.flatten(1)
+        if down.dim() == 4:
+            delta = delta.reshape(up.shape[0], down.shape[1], *down.shape[2:])
+    return delta * scale
+
+
+LORA = AdapterType("lora", "lora_down", ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),
+                   lora_delta)
 
 
 class LoRAWeight(nn.Module):
@@ -117,38 +140,6 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float]:
     return tensors, int(meta["ldm.lora.rank"]), float(meta["ldm.lora.alpha"])
 
 
-def apply_lora(models: dict[str, nn.Module], tensors: dict[str, torch.Tensor], rank: int, alpha: float,
-               scale: float = 1.0) -> None:
-    """Attach adapters with the given weights to the layers the file names; strict about missing layers."""
-    wanted: dict[str, set[str]] = {}
-    for key in tensors:
-        prefix, rest = key.split(".", 1)
-        wanted.setdefault(prefix, set()).add(rest.rsplit(".lora_", 1)[0])
-    unknown = sorted(set(wanted) - set(models))
-    if unknown:
-        raise ValueError(f"LoRA file adapts {unknown}, which this model does not have")
-    for prefix, names in wanted.items():
-        layers = {_key_name(n): m for n, m in models[prefix].named_modules() if isinstance(m, nn.Linear)}
-        missing = sorted(n for n in names if n not in layers)
-        if missing:
-            raise ValueError(f"LoRA file names {len(missing)} {prefix} layer(s) this model lacks, e.g. {missing[:3]}")
-        for name in sorted(names):
-            layer = layers[name]
-            w = layer.weight
-            lora = LoRAWeight(w.shape[0], w.shape[1], rank, alpha, device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                lora.lora_A.copy_(tensors[f"{prefix}.{name}.lora_A.weight"])
-                lora.lora_B.copy_(tensors[f"{prefix}.{name}.lora_B.weight"])
-            lora.scale = scale
-            lora.requires_grad_(False)
-            parametrize.register_parametrization(layer, "weight", lora)
-
-
-def set_scale(model: nn.Module, scale: float) -> None:
-    for lora in adapters(model).values():
-        lora.scale = float(scale)
-
-
 def _remove(model: nn.Module, keep: bool) -> None:
     for m in list(model.modules()):
         if parametrize.is_parametrized(m, "weight") and any(isinstance(p, LoRAWeight)
@@ -164,31 +155,3 @@ def fuse(model: nn.Module) -> None:
 def unload(model: nn.Module) -> None:
     """Drop the adapters and return to the base weights W."""
     _remove(model, keep=False)
-
-
-class LoRAHandle:
-    """What ``Pipeline.load_lora`` returns: change the scale, fuse into the weights, or unload."""
-
-    def __init__(self, models: dict[str, nn.Module]):
-        self.models = models
-
-    def set_scale(self, scale: float) -> None:
-        for m in self.models.values():
-            set_scale(m, scale)
-
-    def fuse(self) -> None:
-        for m in self.models.values():
-            fuse(m)
-
-    def unload(self) -> None:
-        for m in self.models.values():
-            unload(m)
-
-
-def load_lora(pipe, path: str | Path, scale: float = 1.0) -> LoRAHandle:
-    """Apply the LoRA file at ``path`` to a Pipeline's U-Net (and text encoder) at ``scale``."""
-    tensors, rank, alpha = read_lora(path)
-    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    used = {k.split(".", 1)[0] for k in tensors}
-    apply_lora({k: v for k, v in models.items() if k in used}, tensors, rank, alpha, scale)
-    return LoRAHandle({k: v for k, v in models.items() if k in used})

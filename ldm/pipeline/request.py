@@ -1,0 +1,79 @@
+"""One call's settings (``Request``) and the checks every entry point runs on them before any heavy work: each
+bad value raises a ValueError that names the argument and what it got."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from ldm.pipeline.conditioning import SizeConditioning
+
+
+@dataclass
+class Request:
+    """One call's validated settings, one entry per image in the list fields."""
+
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float
+    sampler: str
+    spacing: str | None
+    eta: float
+    height: int
+    width: int
+    guidance_rescale: float = 0.0
+    clip_skip: int | None = None
+    negative_given: bool = True          # False: no negative prompt (SDXL may then use zeros, see conditioning)
+    sizes: SizeConditioning | None = None   # SDXL micro-conditioning (None: the requested size, crop (0, 0))
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+
+def as_prompts(value, name: str) -> list[str]:
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    if not prompts:
+        raise ValueError(f"{name} is an empty list; give at least one prompt")
+    return list(prompts)
+
+
+def as_seeds(seed, count: int) -> list[int]:
+    """One seed per image: None draws fresh ones, an int s gives s, s+1, ... (A1111's convention)."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        seeds = [int(seed) + i for i in range(count)]
+    elif isinstance(seed, (list, tuple)) and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                                 for s in seed):
+        if len(seed) != count:
+            raise ValueError(f"seed lists {len(seed)} seeds for {count} images; give one per image or one int")
+        seeds = [int(s) for s in seed]
+    else:
+        raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
+    if any(not 0 <= s < 2**64 for s in seeds):
+        raise ValueError(f"seeds must be in [0, 2**64), got {seeds}")
+    return seeds
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def finite(value, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
