@@ -36,10 +36,11 @@ def _read(path: Path) -> dict:
         raise CheckpointError(f"{path}: truncated or not an embedding file ({str(exc).splitlines()[0]})") from None
 
 
-def read_embedding(path: str | Path, token: str | None = None, hidden_size: int | None = None
-                   ) -> dict[str, torch.Tensor]:
+def read_embedding(path: str | Path, token: str | None = None, hidden_size: int | None = None,
+                   slot: str | None = None) -> dict[str, torch.Tensor]:
     """``{token: (N, D) vectors}`` of an embedding file; ``token`` defaults to the file's stem (diffusers files
-    name their own unless ``token`` is given). ``hidden_size``: the text encoder's width, checked."""
+    name their own unless ``token`` is given). ``hidden_size``: the text encoder's width, checked. ``slot``: which
+    of an SDXL file's keys the encoder takes ("clip_l" / "clip_g"; default: by width, ``SDXL_KEYS``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"embedding file {path} does not exist")
@@ -52,8 +53,8 @@ def read_embedding(path: str | Path, token: str | None = None, hidden_size: int 
         found = {name: next(iter(params.values()))} if isinstance(params, dict) and params else {}
     elif "emb_params" in data:
         found = {name: data["emb_params"]}
-    elif hidden_size in SDXL_KEYS and SDXL_KEYS[hidden_size] in data:
-        found = {name: data[SDXL_KEYS[hidden_size]]}
+    elif (slot or SDXL_KEYS.get(hidden_size)) in data:
+        found = {name: data[slot or SDXL_KEYS[hidden_size]]}
     else:
         found = {(token or k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
         if len(found) != 1:

@@ -262,8 +262,10 @@ class PromptFeatures:
         clip_l/clip_g) as ``token`` (default: the file's stem) to every text encoder; a prompt's ``token`` stands
         for all of its vectors. Returns the tokens. A file without vectors of each encoder's width is refused
         before any encoder changes."""
-        found = [read_embedding(path, token, encoder.hidden_size) for encoder in self.text_encoders]
-        for encoder, embeddings in zip(self.text_encoders, found):
+        slots = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}     # SDXL files' keys, by encoder
+        encoders = [(getattr(self, name), slot) for name, slot in slots.items() if getattr(self, name) is not None]
+        found = [read_embedding(path, token, encoder.hidden_size, slot) for encoder, slot in encoders]
+        for (encoder, _), embeddings in zip(encoders, found):
             for name, vectors in embeddings.items():
                 encoder.add_embedding(name, vectors.to(self.dtype))
         return list(found[0])
