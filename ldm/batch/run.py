@@ -374,7 +374,8 @@ def _generate(pipe, plan: Plan, out: Path, world: World, quiet: bool) -> tuple[i
             items = [plan.items[i] for i in batch]
             first = items[0]
             try:
-                images = pipe([it.prompt for it in items], [it.negative_prompt for it in items], first.steps,
+                # a line without a negative prompt is drawn as `ldm generate` without --negative draws it
+                images = pipe([it.prompt for it in items], [it.negative_prompt or None for it in items], first.steps,
                               first.guidance, first.sampler, first.height, first.width,
                               seed=[it.seed for it in items], progress=False)
             except FloatingPointError as e:

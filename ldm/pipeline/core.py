@@ -35,7 +35,7 @@ from ldm.pipeline.applications import Applications
 from ldm.pipeline.conditioning import SizeConditioning, TextConditioner
 from ldm.pipeline.memory import check_memory
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
-from ldm.pipeline.request import Request, as_prompts, as_seeds, finite, positive_int
+from ldm.pipeline.request import Request, as_negatives, as_prompts, as_seeds, finite, positive_int
 from ldm.rng import generators_for, randn
 from ldm.samplers import get_sampler
 from ldm.schedules import NoiseSchedule
@@ -161,13 +161,10 @@ class Pipeline(prompting.PromptFeatures, Applications):
         """Check every argument and fill the model's defaults; raises ValueError naming the bad value."""
         prompts = as_prompts(prompt, "prompt")
         n = positive_int(num_images_per_prompt, "num_images_per_prompt")
-        negatives = [""] * len(prompts) if negative_prompt is None else as_prompts(negative_prompt, "negative_prompt")
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        negatives, given = as_negatives(negative_prompt, len(prompts))
         prompts = [p for p in prompts for _ in range(n)]  # diffusers' order: each prompt n times in a row
         negatives = [p for p in negatives for _ in range(n)]
+        given = [g for g in given for _ in range(n)]
         native = self.defaults.get("size") or self.unet.config.sample_size * self.vae_scale_factor
         height = (self.defaults.get("height") or native) if height is None else height
         width = (self.defaults.get("width") or native) if width is None else width
@@ -189,7 +186,7 @@ class Pipeline(prompting.PromptFeatures, Applications):
         if sizes is not None and not isinstance(sizes, SizeConditioning):
             raise ValueError(f"sizes must be a SizeConditioning, got {type(sizes).__name__}")
         req = Request(prompts, negatives, as_seeds(seed, len(prompts)), steps, guidance, sampler, spacing, eta,
-                      height, width, float(guidance_rescale), clip_skip, negative_prompt is not None, sizes)
+                      height, width, float(guidance_rescale), clip_skip, given, sizes)
         check_memory(self, req)  # a request too big for the machine is refused here, not by the OOM killer
         return req
 
@@ -260,12 +257,16 @@ class Pipeline(prompting.PromptFeatures, Applications):
         cond = {**self.text_conditions(req.prompts, req.clip_skip), **added(False), **extra}
         if req.guidance == 1.0:
             return conditioned(self.denoiser(), **cond)
-        if self.conditioner.zeros_for_empty and not req.negative_given:   # SDXL: zeros, not the encoded ""
+        zeros = self.conditioner.zeros_for_empty   # SDXL base: zeros, not the encoded "", where none was given
+        if zeros and not any(req.negative_given):
             text = {k: torch.zeros_like(cond[k]) for k in ("context", "text_embeds") if k in cond}
         else:   # A1111 pads prompt and negative to the same number of 77-token chunks
             text = self.text_conditions(req.negatives, req.clip_skip, self.conditioner.chunks(cond["context"]))
             if text["context"].shape[1] > cond["context"].shape[1]:
                 cond.update(self.text_conditions(req.prompts, req.clip_skip, self.conditioner.chunks(text["context"])))
+            if zeros and not all(req.negative_given):
+                given = torch.tensor(req.negative_given, device=self.device)
+                text = {k: torch.where(given.view(-1, *[1] * (v.dim() - 1)), v, 0) for k, v in text.items()}
         uncond = {**text, **added(True), **extra}
         return classifier_free(self.denoiser(blocks=2), cond, uncond, req.guidance, req.guidance_rescale)
 

@@ -28,7 +28,12 @@ class Request:
     width: int
     guidance_rescale: float = 0.0
     clip_skip: int | None = None
-    negative_given: bool = True          # False: no negative prompt (SDXL may then use zeros, see conditioning)
+    negative_given: list[bool] | None = None   # per image: was a negative prompt given? (None: all were; SDXL
+                                               # uses zeros for those without, see conditioning)
+
+    def __post_init__(self):
+        if self.negative_given is None:
+            self.negative_given = [True] * len(self.prompts)
     sizes: SizeConditioning | None = None   # SDXL micro-conditioning (None: the requested size, crop (0, 0))
 
     @property
@@ -43,6 +48,23 @@ def as_prompts(value, name: str) -> list[str]:
     if not prompts:
         raise ValueError(f"{name} is an empty list; give at least one prompt")
     return list(prompts)
+
+
+def as_negatives(value, count: int) -> tuple[list[str], list[bool]]:
+    """One negative prompt per prompt, and whether each was given: None (none given), a string (for all), or a
+    list with one entry per prompt where None means none for that prompt."""
+    if value is None:
+        return [""] * count, [False] * count
+    if isinstance(value, (list, tuple)):
+        given = [e is not None for e in value]
+        negatives = as_prompts(["" if e is None else e for e in value] if value else value, "negative_prompt")
+    else:
+        negatives, given = as_prompts(value, "negative_prompt"), [True]
+    if len(negatives) == 1 and count > 1:
+        negatives, given = negatives * count, given * count
+    if len(negatives) != count:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {count} prompts")
+    return negatives, given
 
 
 def as_seeds(seed, count: int) -> list[int]:

@@ -17,8 +17,13 @@ PROMPT = "a turtle playing basketball"
 FAST = dict(steps=4, progress=False)
 
 
-@pytest.fixture(scope="module")
-def pipe(sd1_folder):
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def pipe(request, sd1_folder, tmp_path_factory):
+    """The applications on SD 1.x and on SDXL (two text encoders, micro-conditioning): the same behaviour."""
+    if request.param == "sdxl":
+        from tiny_sdxl import save_tiny_sdxl
+
+        return Pipeline.from_pretrained(save_tiny_sdxl(tmp_path_factory.mktemp("xl") / "base", seed=2))
     return Pipeline.from_pretrained(sd1_folder)
 
 
