@@ -15,7 +15,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> 
                         "(default: the shipped model)")
     parser.add_argument("--device", metavar="D", help="cpu (default), cuda, cuda:N, mps")
     if dtype:
-        parser.add_argument("--dtype", metavar="T", help="float32 (default), float16, bfloat16")
+        parser.add_argument("--dtype", metavar="T", help="float32 (default: the same image on every machine), "
+                            "auto (speed: bfloat16 on CPUs with native bf16, AMX or AVX-512 BF16; float16 on "
+                            "CUDA; else float32), float16, bfloat16")
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
