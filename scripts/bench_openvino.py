@@ -3,7 +3,8 @@
 optimum-intel pins transformers/diffusers older than ldm's, so it lives in a venv of its own, and
 bench_pipeline.py runs this script with that venv's interpreter (one subprocess per measurement):
 
-    python -m venv .venv-openvino && .venv-openvino/bin/pip install "optimum-intel[openvino]" diffusers
+    python -m venv --system-site-packages .venv-openvino && \
+        .venv-openvino/bin/pip install "optimum-intel[openvino]==2.2.0" diffusers
 
     .venv-openvino/bin/python scripts/bench_openvino.py --export FOLDER IR_FOLDER     # once per weights folder
     .venv-openvino/bin/python scripts/bench_openvino.py --child --ir IR_FOLDER --shapes static --precision bf16 ...
@@ -51,9 +52,10 @@ def child(a) -> None:
         pipe.reshape(batch_size=1, height=a.size, width=a.size, num_images_per_prompt=a.batch)
     pipe.compile()
     load_peak = bc.peak_rss_mb()
+
     def generate():
-        return pipe(bc.PROMPT, num_images_per_prompt=a.batch, num_inference_steps=a.steps, guidance_scale=7.5, height=a.size, width=a.size,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images
+        return pipe(bc.PROMPT, num_images_per_prompt=a.batch, num_inference_steps=a.steps, guidance_scale=7.5,
+                    height=a.size, width=a.size, generator=torch.Generator().manual_seed(0), output_type="np").images
 
     generate()                                   # warm-up
     times = []

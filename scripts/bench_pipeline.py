@@ -21,10 +21,17 @@ reports only the peak memory; "load MB" is the peak once the pipeline is loaded,
 OpenVINO (optimum-intel's OVStableDiffusionPipeline, bf16 by INFERENCE_PRECISION_HINT, static shapes by
 ``reshape`` or dynamic) runs from its own venv, set up once (optimum-intel pins older transformers/diffusers):
 
-    python -m venv .venv-openvino && .venv-openvino/bin/pip install "optimum-intel[openvino]" diffusers
+    python -m venv --system-site-packages .venv-openvino && \
+        .venv-openvino/bin/pip install "optimum-intel[openvino]==2.2.0" diffusers
 
-Its settings are skipped, with a note, when that venv is absent (``--openvino-python`` points elsewhere). The
-weights folder is exported to OpenVINO IR once, beside it (scripts/bench_openvino.py).
+(``--system-site-packages`` reuses the installed CPU torch that optimum's export traces with; the venv's own
+transformers/diffusers shadow the newer ones.) It is looked for in the repository, then beside it
+(``--openvino-python`` points elsewhere); its settings are skipped, with a note, when it is absent. The weights
+folder is exported to OpenVINO IR once, beside it (scripts/bench_openvino.py).
+
+"mean |Δ| /255" compares each ldm setting's first image with ldm fp32's (same seed, same noise): what bf16
+costs in pixels. ``--check-invariance`` adds one more check to each ldm child: image 2 of four different prompts
+bitwise equal to the same prompt and seed generated alone ("alone = in batch").
 """
 from __future__ import annotations
 
@@ -35,6 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
@@ -47,7 +56,7 @@ def child(a) -> None:
     cuda = torch.cuda.is_available()
     size, batch = a.size, a.batch[0]
     prompts = [bc.PROMPT] * batch
-    _, load = bc.load_pipeline(a.lib, a.folder, device="cuda" if cuda else "cpu",
+    pipe, load = bc.load_pipeline(a.lib, a.folder, device="cuda" if cuda else "cpu",
                                batch_invariant=bool(a.batch_invariant), lean=bool(a.lean), prepack=bool(a.prepack),
                                dtype=a.dtype, vae_dtype=a.vae_dtype, micro_batch=a.micro_batch)
 
@@ -66,8 +75,18 @@ def child(a) -> None:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / batch)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else bc.peak_rss_mb()
+    if a.save_image:
+        np.save(a.save_image, generate()[0])
+    invariant = None
+    if a.invariance and a.lib == "ldm":
+        # image 2 of four different prompts (seeds 0..3) against the same prompt and seed alone: bitwise?
+        prompts4 = [f"{bc.PROMPT}, variant {i}" for i in range(4)]
+        run = dict(steps=a.steps, guidance=7.5, sampler="dpmpp_2m", height=size, width=size, progress=False,
+                   output_type="np")
+        invariant = bool(np.array_equal(pipe(prompts4, seed=[0, 1, 2, 3], **run)[2],
+                                        pipe(prompts4[2], seed=2, **run)[0]))
     print(json.dumps({"s_per_image": bc.median(times) if times else None, "times": times, "peak_mb": peak,
-                      "load_peak_mb": load_peak}))
+                      "load_peak_mb": load_peak, "invariant": invariant}))
 
 
 # name -> (label, child args) of every measurable setting; "openvino-*" run scripts/bench_openvino.py
@@ -93,6 +112,12 @@ SETTINGS = {
 }
 DEFAULT_SETTINGS = ["diffusers", "ldm-lean", "ldm-lean-batched", "ldm-batched", "ldm-noprepack"]
 OPENVINO_SCRIPT = Path(__file__).resolve().parent / "bench_openvino.py"
+
+
+def openvino_python() -> Path:
+    """The OpenVINO venv's interpreter: in the repository, else beside it."""
+    found = [root / ".venv-openvino" / "bin" / "python" for root in (bc.ROOT, bc.ROOT.parent)]
+    return next((p for p in found if p.is_file()), found[0])
 
 
 def measure(name: str, folder: Path, common: list[str], openvino_python: Path) -> dict | None:
@@ -130,7 +155,11 @@ def main() -> None:
     p.add_argument("--keep", type=Path, default=None,
                    help="build the weights folders under this directory once and reuse them on later runs")
     p.add_argument("--rounds", type=int, default=1, help="run all settings this many times, alternating them")
-    p.add_argument("--openvino-python", type=Path, default=bc.ROOT / ".venv-openvino" / "bin" / "python")
+    p.add_argument("--openvino-python", type=Path, default=None, help="default: .venv-openvino/bin/python in "
+                   "the repository or beside it")
+    p.add_argument("--check-invariance", action="store_true", help="ldm: image alone bitwise = in a batch of 4?")
+    p.add_argument("--save-image", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--invariance", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     p.add_argument("--vae-dtype", default="float32", help=argparse.SUPPRESS)
@@ -150,9 +179,11 @@ def main() -> None:
     sd_size = a.size or (512 if torch.cuda.is_available() else 256)
     print(f"# {bc.cpu_name()}; torch {torch.__version__}, threads {a.threads}, steps {a.steps}, repeats "
           f"{a.repeats}, rounds {a.rounds}, {'CUDA' if torch.cuda.is_available() else 'CPU'}")
+    python = a.openvino_python or openvino_python()
+    print(f"# load average before: {bc.load_average()}")
     print("| model | size | batch | setting | s/image | images/s | vs diffusers images/s | peak MB | load MB "
-          "| load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| mean abs diff /255 vs ldm fp32 | alone = in batch | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.model:
             folder = bc.make_folder(model, (a.keep or Path(tmp)) / model, reuse=a.keep is not None)
@@ -161,11 +192,16 @@ def main() -> None:
                 common = ["--steps", str(a.steps), "--repeats", str(a.repeats), "--size", str(size), "--batch",
                           str(batch), "--threads", str(a.threads)]
                 runs: dict[str, list[dict]] = {name: [] for name in a.settings}
-                for _ in range(a.rounds):
+                images = {name: Path(tmp) / f"{model}-{batch}-{name}.npy" for name in a.settings}
+                for round_ in range(a.rounds):
                     for name in a.settings:
-                        r = measure(name, folder, common, a.openvino_python)
+                        extra = ["--save-image", str(images[name])] if round_ == 0 else []
+                        if round_ == 0 and a.check_invariance and name.startswith("ldm"):
+                            extra.append("--invariance")
+                        r = measure(name, folder, common + extra, python)
                         if r is not None:
                             runs[name].append(r)
+                reference = images.get("ldm-lean")
                 base = None
                 for name, done in runs.items():
                     if not done:
@@ -175,9 +211,14 @@ def main() -> None:
                         ips = 1 / r["s_per_image"]
                         base = ips if base is None else base
                         timing = f"| {r['s_per_image']:.3f} | {ips:.2f} | {ips / base:.2f} "
+                    diff = "-"
+                    if name.startswith("ldm") and reference is not None and reference.is_file() \
+                            and images[name].is_file():
+                        diff = f"{np.abs(np.load(images[name]) - np.load(reference)).mean() * 255:.2f}"
+                    invariant = {None: "-", True: "yes", False: "**no**"}[done[0].get("invariant")]
                     print(f"| {model} | {size} | {batch} | {SETTINGS[name][0]} {timing}| {r['peak_mb']:.0f} | "
-                          f"{r['load_peak_mb']:.0f} | {bc.load_average()} |", flush=True)
-
+                          f"{r['load_peak_mb']:.0f} | {diff} | {invariant} | {bc.load_average()} |", flush=True)
+    print(f"# load average after: {bc.load_average()}")
 
 if __name__ == "__main__":
     main()

@@ -86,7 +86,7 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that, for inference on the CPU in float32 or bfloat16, runs on weights converted once to oneDNN's layout."""
+    """nn.Conv2d that, for CPU inference in float32 or bfloat16, runs on weights converted once to oneDNN's layout."""
 
     prepack = True
     channels_last = True
