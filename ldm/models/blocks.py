@@ -40,13 +40,15 @@ def timestep_embedding(
 
 
 def per_row(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """fn(x) for a (B, C) batch of vectors, one row at a time without autograd. CPU GEMM kernels pick their
-    blocking (and so the order of each sum) by the number of rows: measured on SD's time-embedding layers, a
-    row's value changes in the last bit with its batch mates. Row by row it cannot; the cost is B small GEMMs
-    (these layers are a few per resnet, on vectors, not maps)."""
-    if torch.is_grad_enabled() or x.shape[0] == 1:
+    """fn(x) for a (B, C) batch of vectors, one row at a time without autograd, each row run as a pair of copies.
+    CPU GEMM kernels pick their blocking (and so the order of each sum) by the number of rows: measured on SD's
+    time-embedding layers, a row's value changes in the last bit with its batch mates. A one-row product takes
+    the matrix-vector kernel, whose result depends on the weight's address alignment (a model loaded from a
+    single file and from a folder then differ); two identical rows take the GEMM kernel, which does not. The
+    cost is B small GEMMs (a few per resnet, on vectors, not maps)."""
+    if torch.is_grad_enabled():
         return fn(x)
-    return torch.cat([fn(row) for row in x.split(1)])
+    return torch.cat([fn(row.expand(2, -1))[:1] for row in x.split(1)])
 
 
 class TimestepEmbedding(nn.Module):
