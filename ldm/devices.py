@@ -1,9 +1,13 @@
 """Device and dtype names from users ("cuda:1", "fp16", ...) checked and turned into torch objects.
 
-Library code never picks a device itself: ``None`` means the CPU, and anything else must be asked for.
+Library code never picks a device itself: ``None`` means the CPU, and anything else must be asked for. The one
+choice made for the user, and only when asked with ``dtype="auto"``, is the fastest dtype the device runs well.
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 
@@ -35,17 +39,53 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """float32 / float16 / bfloat16 from a torch dtype or a name (fp32, fp16, bf16, ...); None -> float32."""
+# CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic: Intel AMX tiles (Sapphire Rapids and later)
+# and AVX-512 BF16 dot products (Cooper Lake, AMD Zen 4 and later). Without them torch emulates bf16 by
+# converting to float32 and back, which is slower than float32 itself.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (``flags`` in /proc/cpuinfo); empty where there is none."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.is_file() else ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """True when the CPU computes bf16 products natively (``NATIVE_BF16_FLAGS``; ``flags`` default:
+    ``cpu_flags()``)."""
+    return any(f in (cpu_flags() if flags is None else flags) for f in NATIVE_BF16_FLAGS)
+
+
+def auto_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """The fast dtype for ``device`` (None: the CPU): float16 on CUDA (tensor cores; the VAE decode upcasts),
+    bfloat16 on CPUs with native bf16 (float32's exponent range, so no overflow to fear, at half the bytes),
+    float32 elsewhere (MPS included: its bf16 support depends on the OS version)."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda":
+        return torch.float16
+    if dev.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """float32 / float16 / bfloat16 from a torch dtype or a name (fp32, fp16, bf16, ...); None -> float32;
+    "auto" -> ``auto_dtype(device)``."""
     if dtype is None:
         return torch.float32
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        return auto_dtype(device)
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}")
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(sorted(DTYPES))}")
     return DTYPES[key]
 
 

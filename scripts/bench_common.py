@@ -85,17 +85,21 @@ def make_folder(model: str, folder: Path, seed: int = 0, reuse: bool = False) ->
 
 
 def load_pipeline(lib: str, folder, *, device: str = "cpu", batch_invariant: bool = True, lean: bool = True,
-                  prepack: bool = True):
+                  prepack: bool = True, dtype: str | None = None, vae_dtype: str = "float32",
+                  micro_batch: int | None = None):
     """(pipe, generate) for ``lib`` "ldm" (ldm.Pipeline) or "diffusers" (StableDiffusionPipeline with
     DPMSolverMultistepScheduler) on ``folder``; ``generate(prompts, steps, size)`` samples both alike:
-    DPM-Solver++ 2M, guidance 7.5, seed 0, float arrays out."""
+    DPM-Solver++ 2M, guidance 7.5, seed 0, float arrays out. ``dtype``, ``vae_dtype``, ``micro_batch``: ldm's
+    options of those names (None: its defaults)."""
     if lib == "ldm":
         import ldm
         from ldm.models.conv import Conv2d
 
         Conv2d.prepack = prepack
-        pipe = ldm.Pipeline.from_pretrained(folder, device=device, lean=lean)
+        pipe = ldm.Pipeline.from_pretrained(folder, device=device, lean=lean, dtype=dtype, vae_dtype=vae_dtype)
         pipe.batch_invariant = batch_invariant
+        if micro_batch is not None:
+            pipe.micro_batch = micro_batch
 
         def generate(prompts, steps, size):
             return pipe(prompts, steps=steps, guidance=7.5, sampler="dpmpp_2m", height=size, width=size, seed=0,
@@ -126,10 +130,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
-def run_child(script: Path, args: list[str]) -> dict:
-    """Run ``script --child ARGS`` in a fresh interpreter; it prints one JSON line last."""
-    proc = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+def run_child(script: Path, args: list[str], python: Path | str | None = None) -> dict:
+    """Run ``script --child ARGS`` in a fresh interpreter (``python``: another venv's; default this one); it
+    prints one JSON line last."""
+    proc = subprocess.run([str(python or sys.executable), str(script), "--child", *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/bench_profile.py --model default --batch 4 --steps 10
     PYTHONPATH=. python scripts/bench_profile.py --model sd15 --steps 2 --threads 2 --keep /tmp/bench_keep
+    PYTHONPATH=. python scripts/bench_profile.py --model sd15 --steps 4 --dtype bfloat16 --vae-dtype bfloat16
 
 Two tables in Markdown, one row per library:
   * by component: text encoding, the U-Net calls, VAE decode, and the rest of the call (sampler arithmetic,
@@ -63,9 +64,10 @@ class Stopwatch:
         setattr(obj, attr, timed)
 
 
-def load(lib: str, folder: Path, batched: bool):
-    """(generate(prompts, steps, size), stopwatch) for one library, its networks timed."""
-    pipe, generate = bc.load_pipeline(lib, folder, batch_invariant=not batched)
+def load(lib: str, folder: Path, batched: bool, **ldm_options):
+    """(generate(prompts, steps, size), stopwatch) for one library, its networks timed; ``ldm_options``: ldm's
+    dtype / vae_dtype."""
+    pipe, generate = bc.load_pipeline(lib, folder, batch_invariant=not batched, **ldm_options)
     watch = Stopwatch()
     watch.wrap(pipe.text_encoder, "forward", "text encoder")
     watch.wrap(pipe.unet, "forward", "U-Net")
@@ -77,7 +79,8 @@ def measure(lib: str, folder: Path, a) -> tuple[float, dict, dict]:
     """(wall seconds, seconds per component, self-CPU seconds per operator kind) of one measured call."""
     import torch
 
-    generate, watch = load(lib, folder, a.batched)
+    options = {"dtype": a.dtype, "vae_dtype": a.vae_dtype} if lib.startswith("ldm") else {}
+    generate, watch = load(lib.split(" ")[0], folder, a.batched, **options)
     prompts = [bc.PROMPT] * a.batch
     generate(prompts, a.steps, a.size)               # warm-up: allocator, kernel choice, packing
     watch.seconds.clear()
@@ -112,6 +115,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batched", action="store_true", help="ldm with batch_invariant=False")
     p.add_argument("--keep", type=Path, default=None, help="build the weights folder here once and reuse it")
+    p.add_argument("--dtype", default=None, help="ldm's dtype (bfloat16, auto, ...; default float32)")
+    p.add_argument("--vae-dtype", default="float32", help="ldm's vae_dtype")
     a = p.parse_args()
     import torch
 
@@ -119,7 +124,8 @@ def main() -> None:
     a.size = a.size or (64 if a.model == "default" else 256)
     with tempfile.TemporaryDirectory() as tmp:
         folder = bc.make_folder(a.model, (a.keep or Path(tmp)) / a.model, reuse=a.keep is not None)
-        results = {lib: measure(lib, folder, a) for lib in ("ldm", "diffusers")}
+        ldm = "ldm" if a.dtype is None else f"ldm {a.dtype} (VAE {a.vae_dtype})"
+        results = {lib: measure(lib, folder, a) for lib in (ldm, "diffusers")}
     print(f"# {a.model}, {a.size}x{a.size}, batch {a.batch}, {a.steps} steps, {a.threads} thread(s), ldm "
           f"batch_invariant={not a.batched}; torch {torch.__version__}; load average {bc.load_average()}\n")
     print(table("by component", {k: (w, c) for k, (w, c, _) in results.items()},

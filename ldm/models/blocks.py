@@ -39,6 +39,18 @@ def timestep_embedding(
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def per_row(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a (B, C) batch of vectors, one row at a time without autograd, each row run as a pair of copies.
+    CPU GEMM kernels pick their blocking (and so the order of each sum) by the number of rows: measured on SD's
+    time-embedding layers, a row's value changes in the last bit with its batch mates. A one-row product takes
+    the matrix-vector kernel, whose result depends on the weight's address alignment (a model loaded from a
+    single file and from a folder then differ); two identical rows take the GEMM kernel, which does not. The
+    cost is B small GEMMs (a few per resnet, on vectors, not maps)."""
+    if torch.is_grad_enabled():
+        return fn(x)
+    return torch.cat([fn(row.expand(2, -1))[:1] for row in x.split(1)])
+
+
 class TimestepEmbedding(nn.Module):
     """MLP on the sinusoidal features: linear, SiLU, linear (keys linear_1, linear_2)."""
 
@@ -48,7 +60,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
+        return per_row(lambda r: self.linear_2(F.silu(self.linear_1(r))), x)
 
 
 class ResnetBlock(Checkpointed):
@@ -83,7 +95,7 @@ class ResnetBlock(Checkpointed):
         inplace = not torch.is_grad_enabled()
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         if self.time_emb_proj is not None and temb is not None:
-            h += self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h += per_row(self.time_emb_proj, F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
         h += x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h if self.output_scale == 1.0 else h / self.output_scale

@@ -29,7 +29,7 @@ from torch import nn
 from ldm.models.attention import Attention, Transformer2D, check_backend
 from ldm.models.blocks import DownStage, MidStage, TimestepEmbedding, UpStage, timestep_embedding
 from ldm.models.checkpointing import set_gradient_checkpointing
-from ldm.models.conv import Conv2d
+from ldm.models.conv import Conv2d, inference_layout
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -278,7 +278,7 @@ class UNet(nn.Module):
             emb = self._added(emb, text_embeds, time_ids)
         context = context.to(x.dtype)
 
-        h = self.conv_in(x)
+        h = self.conv_in(inference_layout(x))
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, emb, context)
@@ -290,7 +290,7 @@ class UNet(nn.Module):
             # Upsample to the next skip's size, so inputs whose sides are not multiples of 2^levels still work.
             size = skips[-1].shape[-2:] if block.upsamplers is not None else None
             h = block(h, mine, emb, context, size)
-        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled())).contiguous()
 
     def set_attention_backend(self, name: str = "sdpa", slice_size: int | None = None) -> None:
         """"sdpa" (default), "xformers" (needs the extra), or "sliced" (slice_size (batch·head) pairs at a time;

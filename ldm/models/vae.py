@@ -24,7 +24,7 @@ from torch import nn
 from ldm.models.attention import SpatialSelfAttention
 from ldm.models.blocks import DownStage, MidStage, UpStage
 from ldm.models.checkpointing import set_gradient_checkpointing
-from ldm.models.conv import Conv2d
+from ldm.models.conv import Conv2d, inference_layout
 
 DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour (diffusers' tile_overlap_factor)
@@ -234,12 +234,13 @@ class AutoencoderKL(nn.Module):
         set_gradient_checkpointing(self, enabled)
 
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(x)
-        return h if self.quant_conv is None else self.quant_conv(h)
+        h = self.encoder(inference_layout(x))
+        return (h if self.quant_conv is None else self.quant_conv(h)).contiguous()
 
     def _image(self, z: torch.Tensor) -> torch.Tensor:
+        z = inference_layout(z)
         z = z if self.post_quant_conv is None else self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z).contiguous()
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, 3, H, W) in [-1, 1] -> the posterior over unscaled latents (float32)."""

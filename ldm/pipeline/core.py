@@ -46,6 +46,9 @@ SD_DEFAULTS = {"steps": 30, "guidance": 7.5}
 FAMILY_DEFAULTS = {"sdxl": {"guidance": 5.0}, "sdxl_refiner": {"guidance": 5.0}}   # diffusers' SDXL pipelines
 OUTPUT_TYPES = ("pil", "np", "latent")
 CONTINUOUS_SPACINGS = ("karras", "exponential")
+# Most images per U-Net call in batch-invariant mode (Pipeline.micro_batch): calls of up to 2·MICRO_BATCH rows
+# under CFG, the sizes whose bit-stability tests/pipeline/test_batch_invariance.py checks.
+MICRO_BATCH = 4
 
 
 class DefaultModelMissing(FileNotFoundError):
@@ -60,7 +63,9 @@ class Pipeline(prompting.PromptFeatures, Applications):
                  lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
                  lora_strict: bool = True):
         """``Pipeline()`` loads the shipped default model; ``components`` (``ldm.checkpoints.Components``) wraps
-        models already in memory. ``vae_dtype`` other than float32 is a forced half-precision decode.
+        models already in memory. ``dtype``: None = float32 (identical images everywhere); "auto" = the fast one
+        for the device (``ldm.devices.auto_dtype``: bf16 on CPUs with native bf16, fp16 on CUDA). ``vae_dtype``
+        other than float32 (or "auto") is a forced lower-precision decode, with a float32 fallback on NaN/inf.
         ``lean``: keep one copy of each convolution weight, the CPU-packed one (``ldm.models.conv``; for SD 1.5
         in float32 that saves ~2 GB). Default: on when the Pipeline loaded the weights itself (``Pipeline()``,
         ``from_pretrained``), off for ``components`` whose tensors the caller may hold. Working on the weights
@@ -68,8 +73,8 @@ class Pipeline(prompting.PromptFeatures, Applications):
         ``emphasis``: read prompts in A1111's syntax (``ldm.pipeline.prompting``); ``lora_dir``: where
         ``<lora:NAME:W>`` tags find NAME.safetensors; ``embeddings_dir``: textual-inversion files loaded now,
         each under its file's stem."""
-        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
-        self.vae_dtype = resolve_dtype(vae_dtype)
+        self.device = resolve_device(device)
+        self.dtype, self.vae_dtype = resolve_dtype(dtype, self.device), resolve_dtype(vae_dtype, self.device)
         if components is None:
             components, source = _load_default(), assets.DEFAULT_MODEL
             lean = True if lean is None else lean
@@ -90,10 +95,12 @@ class Pipeline(prompting.PromptFeatures, Applications):
         self.latent_channels = self.vae.config.latent_channels
         self._network: Callable = torch.compile(self.unet) if compile else self.unet
         self._offload: torch.device | None = None
-        # Run the U-Net one batch row at a time, so that an image's floating-point arithmetic never depends on
-        # what else is in the batch (CPU kernels pick blockings by batch size). On by default on the CPU, where
-        # batching gains little; on GPUs batching is the speed, and their kernels are not bitwise stable anyway.
+        # Run the U-Net on groups of at most `micro_batch` images, never on a single row, so that an image's
+        # floating-point arithmetic never depends on what else is in the batch (CPU kernels pick blockings by
+        # shape; see _PerImage). On by default on the CPU; on GPUs batching is the speed, and their kernels are
+        # not bitwise stable anyway.
         self.batch_invariant = self.device.type == "cpu"
+        self.micro_batch = MICRO_BATCH
         self.set_lean(bool(lean))
         self.emphasis, self.lora_strict = emphasis, lora_strict
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
@@ -243,7 +250,7 @@ class Pipeline(prompting.PromptFeatures, Applications):
         guidance, [uncond; cond]); in batch-invariant mode an image's rows from every block run together."""
         network = _InpaintingInput(self._network) if self.is_inpainting_model else self._network
         if self.batch_invariant:
-            network = _PerImage(network, blocks)
+            network = _PerImage(network, blocks, self.micro_batch)
         return Denoiser(network, self.schedule, dtype=self.dtype)
 
     def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
@@ -412,23 +419,35 @@ class _InpaintingInput(torch.nn.Module):
 
 
 class _PerImage(torch.nn.Module):
-    """network(x, t, **cond) evaluated one image at a time (see batch_invariant). The batch stacks `blocks`
-    copies of B images (under CFG: [uncond; cond]); image i's rows i, B + i, ... form one call, so every call
-    has the same size and contents whatever else is in the batch, and CFG still pairs its two branches."""
+    """network(x, t, **cond) evaluated on groups of at most `size` images (see batch_invariant). The batch stacks
+    `blocks` copies of B images (under CFG: [uncond; cond]); a call takes consecutive images' rows, block by
+    block (CFG still pairs an image's two branches), and a call of a single row is padded to two with a copy.
+    What makes an image's arithmetic independent of its batch mates (measured, tests/pipeline/
+    test_batch_invariance.py and scripts/bench_pipeline.py --check-invariance): CPU kernels pick their blocking,
+    and with it the order of each sum, from the shapes; with the (B, C) time-embedding GEMMs run row by row
+    (ldm.models.blocks.per_row) and the maps in channels-last order, SD's and the default model's U-Nets give
+    each row the same bits in calls of 2 to 8 rows, wherever it sits, but not in a call of one row."""
 
-    def __init__(self, network, blocks: int = 1):
+    def __init__(self, network, blocks: int = 1, size: int = 1):
         super().__init__()
-        self.network, self.blocks = network, blocks
+        self.network, self.blocks, self.size = network, blocks, size
 
     def forward(self, x, t, **cond):
         n = x.shape[0] // self.blocks
         if n * self.blocks != x.shape[0]:
             raise ValueError(f"batch of {x.shape[0]} rows is not {self.blocks} blocks of equal size")
-        if n == 1:
+        if n <= self.size and x.shape[0] > 1:
             return self.network(x, t, **cond)
-        outs = [self.network(x[i::n], t[i::n], **{k: v[i::n] for k, v in cond.items()}) for i in range(n)]
-        # outs[i] holds image i's rows, one per block; put row j of image i back at j·n + i.
-        return torch.stack(outs, dim=1).flatten(0, 1)
+        outs = []
+        for start in range(0, n, self.size):
+            images = range(start, min(start + self.size, n))
+            rows = [j * n + i for j in range(self.blocks) for i in images]
+            rows = rows * 2 if len(rows) == 1 else rows
+            index = torch.tensor(rows, device=x.device)
+            out = self.network(x[index], t[index], **{k: v[index] for k, v in cond.items()})
+            outs.append(out[:len(images) * self.blocks].unflatten(0, (self.blocks, len(images))))
+        # outs[g] is (blocks, images of group g, ...): join the groups along images, then the blocks again
+        return torch.cat(outs, dim=1).flatten(0, 1)
 
 
 def load_pipeline(model=None, device=None, dtype=None, **kwargs) -> Pipeline:

@@ -108,7 +108,8 @@ def estimate(pipe, req) -> MemoryEstimate:
     f = pipe.vae_scale_factor
     h, w = math.ceil(req.height / f), math.ceil(req.width / f)
     blocks = 1 if req.guidance == 1.0 else 2
-    rows = blocks if pipe.batch_invariant else blocks * req.batch
+    per_call = min(req.batch, pipe.micro_batch) if pipe.batch_invariant else req.batch
+    rows = max(2, blocks * per_call) if pipe.batch_invariant else blocks * per_call
     layer = next((m for m in pipe.unet.modules() if isinstance(m, Attention)), None)
     sliced = layer is not None and layer.backend == "sliced"
     attention_slice = (layer.slice_size or max(pipe.unet.config.heads())) if sliced else None

@@ -286,3 +286,32 @@ def test_lean_unet_gives_the_same_output_bitwise_and_the_same_state_dict():
     assert sum(_released(m) for m in unet.modules() if isinstance(m, Conv2d)) >= 8
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.state_dict().values()))
     assert all(a is b for a, b in zip(unet.parameters(), params))
+
+
+def test_bf16_runs_packed_lean_and_matches_nn_conv():
+    torch.manual_seed(0)
+    conv = pack_for_inference(Conv2d(16, 32, 3, padding=1).to(torch.bfloat16))
+    plain = copy.deepcopy(conv.weight.detach()), conv.bias.detach().clone()
+    x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16)
+    expected = F.conv2d(x.float(), plain[0].float(), plain[1].float(), 1, 1)
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, CL):
+            out = conv(x.contiguous(memory_format=layout))
+            assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=layout)
+            torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)   # bf16 rounding
+    assert conv.__dict__.get("_released")                          # the packed bf16 copy is the only one
+    assert torch.equal(conv.weight, plain[0])                       # and gives the weight back exactly
+
+
+def test_inference_layout_is_channels_last_only_for_cpu_inference():
+    from ldm.models.conv import inference_layout
+
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert inference_layout(x).is_contiguous(memory_format=CL) and not inference_layout(x).is_contiguous()
+        Conv2d.channels_last = False
+        try:
+            assert inference_layout(x) is x
+        finally:
+            Conv2d.channels_last = True
+    assert inference_layout(x) is x                                 # autograd: the layout training always had

@@ -284,12 +284,18 @@ def test_per_image_calls_keep_an_images_guidance_branches_together():
 
     def network(x, t, context):
         calls.append(x[:, 0, 0, 0].tolist())
-        return x * 2 + t[:, None, None, None] + context.sum()
+        return x * 2 + t[:, None, None, None] + context.sum(1)[:, None, None, None]
 
     x = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 2, 1, 1).contiguous()   # [uncond 0..2; cond 0..2]
     t, context = torch.arange(6.0), torch.ones(6, 3)
     out = _PerImage(network, blocks=2)(x, t, context=context)
-    torch.testing.assert_close(out, x * 2 + t[:, None, None, None] + 2 * 3)   # rows back in their places
+    torch.testing.assert_close(out, x * 2 + t[:, None, None, None] + 3)   # rows back in their places
     assert calls == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]                     # image i: its uncond and cond rows
+    calls.clear()
+    torch.testing.assert_close(_PerImage(network, blocks=2, size=2)(x, t, context=context), out)
+    assert calls == [[0.0, 1.0, 3.0, 4.0], [2.0, 5.0]]                       # groups of two images, then one
+    calls.clear()
+    torch.testing.assert_close(_PerImage(network, blocks=1, size=4)(x[:1], t[:1], context=context[:1]), out[:1])
+    assert calls == [[0.0, 0.0]]                                              # never a call of one row
     with pytest.raises(ValueError, match="blocks"):
         _PerImage(network, blocks=4)(x, t, context=context)
