@@ -3,9 +3,12 @@
 
     folder = save_tiny_sdxl(tmp_path / "xl")                 # StableDiffusionXLPipeline layout
     folder = save_tiny_sdxl(tmp_path / "ref", refiner=True)  # StableDiffusionXLImg2ImgPipeline layout
+    folder = save_tiny_sdxl(tmp_path / "xl3", released=True)  # SDXL base's structure (3 levels, 4-level VAE)
 
 Widths are multiples of 64 with 64 channels per head (as the real towers and SDXL's U-Net are), so shape
-inference treats a single file of these weights as it treats the released ones.
+inference treats a single file of these weights as it treats the released ones. ``released=True`` gives the base
+the released model's structure (3 U-Net levels of 2 resnets, no attention at the first; a 4-level VAE of 2
+resnets a level), which diffusers' SDXL conversion script assumes.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from tiny_models import perturb, tiny_tokenizer, tiny_vae_config
 CLIP_L, BIG_G, TIME_DIM = 64, 128, 8     # text widths (bigG's projection = its width, as released) and time ids
 
 
-def tiny_sdxl_unet_config(refiner: bool = False) -> dict:
+def tiny_sdxl_unet_config(refiner: bool = False, released: bool = False) -> dict:
     context = BIG_G if refiner else CLIP_L + BIG_G
     ids = 5 if refiner else 6
     common = dict(sample_size=8, in_channels=4, out_channels=4, norm_num_groups=32, use_linear_projection=True,
@@ -26,6 +29,10 @@ def tiny_sdxl_unet_config(refiner: bool = False) -> dict:
                   projection_class_embeddings_input_dim=BIG_G + ids * TIME_DIM, cross_attention_dim=context,
                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                   up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    if released:
+        return {**common, "block_out_channels": [64, 64, 128], "layers_per_block": 2, "attention_head_dim": [1, 1, 2],
+                "transformer_layers_per_block": [1, 1, 2], "down_block_types": ["DownBlock2D"] + [
+                    "CrossAttnDownBlock2D"] * 2, "up_block_types": ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"]}
     if refiner:
         return {**common, "block_out_channels": [64, 128], "layers_per_block": 1, "attention_head_dim": [1, 2],
                 "transformer_layers_per_block": 2}
@@ -42,13 +49,20 @@ def _text(width: int, act: str, projection: bool, seed: int):
     return perturb((CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg), seed).eval()
 
 
-def tiny_sdxl_pipeline(refiner: bool = False, seed: int = 0):
+def tiny_sdxl_vae_config(released: bool = False) -> dict:
+    if not released:
+        return tiny_vae_config()
+    return {**tiny_vae_config(), "block_out_channels": [32] * 4, "layers_per_block": 2, "sample_size": 64,
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+
+
+def tiny_sdxl_pipeline(refiner: bool = False, seed: int = 0, released: bool = False):
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
 
     torch.manual_seed(seed)
-    unet = perturb(UNet2DConditionModel(**tiny_sdxl_unet_config(refiner)), seed)
-    vae = perturb(AutoencoderKL(**tiny_vae_config(), scaling_factor=0.13025, force_upcast=True), seed + 1)
+    unet = perturb(UNet2DConditionModel(**tiny_sdxl_unet_config(refiner, released)), seed)
+    vae = perturb(AutoencoderKL(**tiny_sdxl_vae_config(released), scaling_factor=0.13025, force_upcast=True), seed + 1)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     text_2 = _text(BIG_G, "gelu", True, seed + 3)
@@ -62,6 +76,6 @@ def tiny_sdxl_pipeline(refiner: bool = False, seed: int = 0):
                                      force_zeros_for_empty_prompt=True)
 
 
-def save_tiny_sdxl(folder, refiner: bool = False, seed: int = 0) -> Path:
-    tiny_sdxl_pipeline(refiner, seed).save_pretrained(folder, safe_serialization=True)
+def save_tiny_sdxl(folder, refiner: bool = False, seed: int = 0, released: bool = False) -> Path:
+    tiny_sdxl_pipeline(refiner, seed, released).save_pretrained(folder, safe_serialization=True)
     return Path(folder)

@@ -4,31 +4,48 @@ Shapes fix almost everything: channel widths, levels, layers per level, which le
 the in/out channels (9 input channels = inpainting), the text encoder's size. They cannot fix the number of
 attention heads, the sample size or the prediction type; for those we take, in order: the ``ldm.*`` metadata
 that ldm's own ``save_single_file`` writes, then a sidecar ``<name>.yaml`` (the original SD inference config),
-then the SD family's known values (SD 1.x: 8 heads everywhere; SD 2.x: 64 channels per head; CLIP text
+then the SD family's known values (SD 1.x: 8 heads everywhere; SD 2.x and SDXL: 64 channels per head; CLIP text
 towers: 64 channels per head).
+
+SDXL (sgm's layout, ``conditioner.embedders.*``): the base has CLIP ViT-L and OpenCLIP ViT-bigG, the refiner
+bigG alone. Both read each encoder's penultimate layer without the final norm, and bigG's pooled projection. The
+micro-conditioning MLP (``label_emb.0.0``) takes [pooled (bigG's projection width) ‖ n time ids × d sinusoids]:
+n = 6 for the base (sizes and crop), 5 for the refiner (the aesthetic score in place of the target size), so d
+(256 in both released models: 1280 + 6·256 = 2816, 1280 + 5·256 = 2560) follows from the shapes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.checkpoints.keys import (CLIP_PREFIX, CLIP_PREFIX_OLD, EMA_BOOKKEEPING, EMA_PREFIX, OPEN_CLIP_PREFIX,
-                                  UNET_PREFIX, VAE_PREFIX)
+                                  OPEN_CLIP_PROJECTION, SDXL_BIG_G_PREFIX, SDXL_CLIP_PREFIX, SDXL_CLIP_PREFIX_BARE,
+                                  SDXL_PREFIX, SDXL_REFINER_PREFIX, UNET_PREFIX, VAE_PREFIX)
 from ldm.checkpoints.tensor_io import CheckpointError
 from ldm.models.text import TextEncoderConfig
 
 CROSS_DOWN, PLAIN_DOWN, CROSS_UP, PLAIN_UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 HEAD_CHANNELS = 64               # SD 2.x U-Net (num_head_channels: 64) and both CLIP text towers
 SD1_HEADS = 8                    # SD 1.x U-Net (num_heads: 8)
-# Other model families, recognised only to say so (key names from their reference implementations).
+SDXL_SAMPLE_SIZE = 128          # SDXL base and refiner: 1024 px (diffusers' configs of both)
+SDXL_SCALING_FACTOR = 0.13025    # SDXL's VAE (sgm's sd_xl_base.yaml scale_factor; diffusers' vae config)
+# Diffusers pipeline flags of the SDXL families (model_index.json of stable-diffusion-xl-base-1.0 / -refiner-1.0).
+SDXL_PIPELINE_FLAGS = {"sdxl": {"force_zeros_for_empty_prompt": True},
+                       "sdxl_refiner": {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}}
+SDXL_TIME_IDS = {"sdxl": 6, "sdxl_refiner": 5}
+# Other model families, recognised only to say so (key names from their reference implementations and the
+# detection keys of diffusers' single_file_utils.CHECKPOINT_KEY_NAMES).
 OTHER_FAMILIES = {
-    "conditioner.embedders.": "SDXL",
     "model.diffusion_model.joint_blocks.": "SD3",
+    "joint_blocks.": "SD3",
     "double_blocks.": "Flux",
     "model.diffusion_model.double_blocks.": "Flux",
-    "model.diffusion_model.label_emb.": "SD 2.x unCLIP / upscaler (class-conditioned U-Net)",
+    "clip_txt_mapper.": "Stable Cascade (stage C)",
+    "down_blocks.1.0.channelwise.": "Stable Cascade (stage B)",
 }
+UNCLIP = "SD 2.x unCLIP / upscaler (class-conditioned U-Net)"
 
 
 @dataclass
@@ -67,18 +84,36 @@ class Hints:
         )
 
 
+@dataclass(frozen=True)
+class TextSlot:
+    """Where one text encoder lives in a single file: its key layout ("clip" | "clip_old" | "open_clip"), the
+    prefix of its keys and, once inferred, its configuration."""
+
+    layout: str
+    prefix: str
+    config: TextEncoderConfig | None = None
+
+
 @dataclass
 class SingleFileLayout:
     """What an SD single file holds, as configs for ldm's modules."""
 
-    family: str                                   # "sd1" | "sd2"
-    text_layout: str                              # "clip" | "clip_old" | "open_clip"
+    family: str                                   # "sd1" | "sd2" | "sdxl" | "sdxl_refiner"
+    texts: list[TextSlot]                         # the text encoders, in prompt order
     unet: dict                                    # diffusers UNet2DConditionModel config
     vae: dict                                     # diffusers AutoencoderKL config
-    text: TextEncoderConfig
     ema: bool                                     # LitEma copies of the U-Net weights are present
     schedule: dict = field(default_factory=dict)  # scheduler_config.json values the file's metadata gives
     defaults: dict = field(default_factory=dict)  # suggested sampling settings the file's metadata gives
+    pipeline: dict = field(default_factory=dict)  # diffusers pipeline flags (SDXL: force_zeros_for_empty_prompt, ...)
+
+    @property
+    def text(self) -> TextEncoderConfig:
+        return self.texts[0].config
+
+    @property
+    def text_layout(self) -> str:
+        return self.texts[0].layout
 
 
 class _Shapes:
@@ -105,28 +140,92 @@ class _Shapes:
         return n
 
 
-def detect_family(path, keys) -> tuple[str, str]:
-    """(family, text layout) from the key names; CheckpointError for anything else."""
+def _has(keys, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def _sdxl_slots(path, keys) -> tuple[str, list[TextSlot]]:
+    if _has(keys, SDXL_BIG_G_PREFIX):
+        clip = next((p for p in (SDXL_CLIP_PREFIX, SDXL_CLIP_PREFIX_BARE)
+                     if p + "embeddings.token_embedding.weight" in keys), None)
+        if clip is None:
+            raise CheckpointError(f"{path}: SDXL file without its CLIP ViT-L text encoder: no "
+                                  f"{SDXL_CLIP_PREFIX}embeddings.token_embedding.weight (it has bigG at "
+                                  f"{SDXL_BIG_G_PREFIX}*)")
+        return "sdxl", [TextSlot("clip", clip), TextSlot("open_clip", SDXL_BIG_G_PREFIX)]
+    if _has(keys, SDXL_REFINER_PREFIX):
+        return "sdxl_refiner", [TextSlot("open_clip", SDXL_REFINER_PREFIX)]
+    found = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith(SDXL_PREFIX)})
+    raise CheckpointError(f"{path}: SDXL file without its OpenCLIP ViT-bigG text encoder: no {SDXL_BIG_G_PREFIX}* "
+                          f"(base) or {SDXL_REFINER_PREFIX}* (refiner) keys; conditioner keys found: {found}")
+
+
+def _no_text_encoder(path, keys) -> CheckpointError:
+    """The error for a file with a U-Net and no text encoder (a fine-tune that ships only the U-Net)."""
+    if UNET_PREFIX + "label_emb.0.0.weight" in keys:
+        want = (f"SDXL's text encoders: {SDXL_CLIP_PREFIX}* (CLIP ViT-L) and {SDXL_BIG_G_PREFIX}* (OpenCLIP "
+                f"ViT-bigG), or {SDXL_REFINER_PREFIX}* (the refiner's bigG)")
+    else:
+        want = f"a text encoder: {CLIP_PREFIX}* (SD 1.x) or {OPEN_CLIP_PREFIX}* (SD 2.x)"
+    parts = sorted({k.split(".")[0] for k in keys})
+    return CheckpointError(f"{path}: the file holds a U-Net ({UNET_PREFIX}*) but no text encoder; missing {want}. "
+                           f"Top-level keys found: {', '.join(parts)}. Load the full model it was fine-tuned from "
+                           "and put this U-Net's weights into it")
+
+
+def detect_family(path, keys) -> tuple[str, list[TextSlot]]:
+    """(family, its text encoders' slots) from the key names; CheckpointError for anything else."""
     keys = set(keys)
     for prefix, name in OTHER_FAMILIES.items():
-        if any(k.startswith(prefix) for k in keys):
-            raise CheckpointError(f"{path}: unsupported model family {name} (found {prefix}* keys); ldm loads "
-                                  "SD 1.x and SD 2.x checkpoints")
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        if _has(keys, prefix):
+            raise CheckpointError(f"{path}: not supported, this is {name} (found {prefix}* keys); ldm loads "
+                                  "SD 1.x, SD 2.x and SDXL checkpoints")
+    if not _has(keys, UNET_PREFIX):
         sample = ", ".join(sorted(keys)[:5]) or "no tensors at all"
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no {UNET_PREFIX}* keys (found: {sample})")
+    if _has(keys, SDXL_PREFIX):
+        return _sdxl_slots(path, keys)
+    if not _has(keys, "cond_stage_model."):
+        raise _no_text_encoder(path, keys)
+    if _has(keys, UNET_PREFIX + "label_emb."):
+        raise CheckpointError(f"{path}: not supported, this is {UNCLIP} (found {UNET_PREFIX}label_emb.* keys); ldm "
+                              "loads SD 1.x, SD 2.x and SDXL checkpoints")
     if CLIP_PREFIX + "embeddings.token_embedding.weight" in keys:
-        return "sd1", "clip"
+        return "sd1", [TextSlot("clip", CLIP_PREFIX)]
     if CLIP_PREFIX_OLD + "embeddings.token_embedding.weight" in keys:
-        return "sd1", "clip_old"
+        return "sd1", [TextSlot("clip_old", CLIP_PREFIX_OLD)]
     if OPEN_CLIP_PREFIX + "token_embedding.weight" in keys:
-        return "sd2", "open_clip"
+        return "sd2", [TextSlot("open_clip", OPEN_CLIP_PREFIX)]
     found = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in keys if k.startswith("cond_stage_model.")})
     raise CheckpointError(f"{path}: unknown model family: no SD 1.x text encoder ({CLIP_PREFIX}*) and no SD 2.x "
                           f"OpenCLIP text encoder ({OPEN_CLIP_PREFIX}*); text keys found: {found or 'none'}")
 
 
-def infer_unet(path, shapes: dict, family: str, hints: Hints) -> dict:
+def _depths(s: _Shapes, depth: list[int], cross: list[bool]):
+    """transformer_layers_per_block: diffusers builds the middle block with the last level's value, so a plain
+    last level (SDXL's refiner) carries the middle block's depth; one int when every attention level agrees."""
+    mid = s.count("middle_block.1.transformer_blocks.{}.attn1.to_q.weight") or 1
+    used = {d for d, c in zip(depth, cross) if c} | {mid}
+    if len(used) == 1:
+        return used.pop()
+    return [*depth[:-1], depth[-1] if cross[-1] else mid]
+
+
+def _added_embedding(path, s: _Shapes, family: str, pooled: int | None) -> dict:
+    """SDXL's micro-conditioning config from label_emb's input width (see the module docstring)."""
+    if "label_emb.0.0.weight" not in s:
+        return {}
+    width = s["label_emb.0.0.weight"][1]
+    ids = SDXL_TIME_IDS.get(family)
+    if ids is None or pooled is None or (width - pooled) % ids or width <= pooled:
+        raise CheckpointError(f"{path}: unsupported U-Net: {UNET_PREFIX}label_emb.0.0.weight takes {width} features, "
+                              f"not a pooled text embedding ({pooled}) plus {ids} time ids")
+    return {"addition_embed_type": "text_time", "addition_time_embed_dim": (width - pooled) // ids,
+            "projection_class_embeddings_input_dim": width}
+
+
+def infer_unet(path, shapes: dict, family: str, hints: Hints, pooled: int | None = None) -> dict:
+    """pooled: the width of the pooled text embedding an SDXL U-Net takes (bigG's projection)."""
     s = _Shapes(path, shapes, UNET_PREFIX)
     first = s["input_blocks.0.0.weight"]
     widths, layers, cross, depth = [], [], [], []
@@ -154,7 +253,7 @@ def infer_unet(path, shapes: dict, family: str, hints: Hints) -> dict:
         raise CheckpointError(f"{path}: unsupported U-Net: no cross-attention layers (attn2.to_k) found")
     if hints.num_heads:
         heads = hints.num_heads
-    elif hints.num_head_channels or family == "sd2":
+    elif hints.num_head_channels or family != "sd1":
         heads = [w // (hints.num_head_channels or HEAD_CHANNELS) for w in widths]
     else:
         heads = SD1_HEADS
@@ -163,10 +262,11 @@ def infer_unet(path, shapes: dict, family: str, hints: Hints) -> dict:
     def one(values):
         return values[0] if len(set(values)) == 1 else values
 
+    sdxl = family.startswith("sdxl")
     return {
-        # SD 2.x 768-v models sample at 96x96 latents; everything else at 64x64 (512 px). (The yaml's
-        # image_size cannot tell: v2-inference-v.yaml says 64 for the 768 model.)
-        "sample_size": 96 if family == "sd2" and v_model else 64,
+        # SD 2.x 768-v models sample at 96x96 latents; SDXL at 128x128; everything else at 64x64 (512 px). (The
+        # yaml's image_size cannot tell: v2-inference-v.yaml says 64 for the 768 model.)
+        "sample_size": SDXL_SAMPLE_SIZE if sdxl else 96 if family == "sd2" and v_model else 64,
         "in_channels": first[1],
         "out_channels": s["out.2.weight"][0],
         "block_out_channels": widths,
@@ -176,13 +276,14 @@ def infer_unet(path, shapes: dict, family: str, hints: Hints) -> dict:
         "attention_head_dim": heads,
         "cross_attention_dim": s[attention[0]][1],
         "use_linear_projection": len(s["middle_block.1.proj_in.weight"]) == 2,
-        "transformer_layers_per_block": one(depth),
+        "transformer_layers_per_block": _depths(s, depth, cross),
         # diffusers' SD 2.1 (768-v) config upcasts attention: in fp16 its softmax overflows otherwise.
         "upcast_attention": family == "sd2" and v_model,
+        **_added_embedding(path, s, family, pooled),
     }
 
 
-def infer_vae(path, shapes: dict, unet: dict, hints: Hints) -> dict:
+def infer_vae(path, shapes: dict, unet: dict, hints: Hints, family: str = "sd1") -> dict:
     s = _Shapes(path, shapes, VAE_PREFIX)
     levels = s.count("encoder.down.{}.block.0.conv1.weight")
     if levels == 0:
@@ -195,33 +296,48 @@ def infer_vae(path, shapes: dict, unet: dict, hints: Hints) -> dict:
         "layers_per_block": s.count("encoder.down.0.block.{}.conv1.weight"),
         "latent_channels": s["decoder.conv_in.weight"][1],
         "sample_size": unet["sample_size"] * 2 ** (levels - 1),
-        "scaling_factor": hints.scaling_factor or 0.18215,    # SD's scale_factor (Rombach et al. 2022, §4.3.2)
+        # SD's scale_factor (Rombach et al. 2022, §4.3.2); SDXL retrained the VAE and scales by 0.13025
+        "scaling_factor": hints.scaling_factor or (SDXL_SCALING_FACTOR if family.startswith("sdxl") else 0.18215),
         "use_quant_conv": "quant_conv.weight" in s,
         "use_post_quant_conv": "post_quant_conv.weight" in s,
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in s,
     }
 
 
-def infer_text(path, shapes: dict, family: str, layout: str, hints: Hints) -> TextEncoderConfig:
-    if layout == "open_clip":
-        s = _Shapes(path, shapes, OPEN_CLIP_PREFIX)
+def _open_clip_projection(s: _Shapes) -> int | None:
+    if "text_projection" in s:
+        return s["text_projection"][1]
+    if OPEN_CLIP_PROJECTION[0] in s:                        # stored as a Linear (diffusers' conversion script)
+        return s[OPEN_CLIP_PROJECTION[0]][0]
+    return None
+
+
+def infer_text(path, shapes: dict, family: str, slot: TextSlot, hints: Hints) -> TextEncoderConfig:
+    """The text encoder in ``slot``. SDXL's encoders are built as transformers CLIP models (bigG with its
+    projection), read at the penultimate layer without the final norm; SD 2.x's as the OpenCLIP tower."""
+    sdxl = family.startswith("sdxl")
+    s = _Shapes(path, shapes, slot.prefix)
+    if slot.layout == "open_clip":
         vocab, width = s["token_embedding.weight"]
         layers = s.count("transformer.resblocks.{}.ln_1.weight")
-        projection = s["text_projection"][1] if "text_projection" in s else None
-        return TextEncoderConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=s["transformer.resblocks.0.mlp.c_fc.weight"][0],
-            num_hidden_layers=layers, num_attention_heads=max(1, width // HEAD_CHANNELS),
-            max_position_embeddings=s["positional_embedding"][0], hidden_act="gelu", projection_dim=projection,
-            backend="open_clip", family=family,
-            skip_layers=1 if hints.text_skip_layers is None else hints.text_skip_layers)
-    s = _Shapes(path, shapes, CLIP_PREFIX if layout == "clip" else CLIP_PREFIX_OLD)
+        common = dict(vocab_size=vocab, hidden_size=width,
+                      intermediate_size=s["transformer.resblocks.0.mlp.c_fc.weight"][0], num_hidden_layers=layers,
+                      num_attention_heads=max(1, width // HEAD_CHANNELS),
+                      max_position_embeddings=s["positional_embedding"][0], hidden_act="gelu",
+                      projection_dim=_open_clip_projection(s))
+        if sdxl:
+            return TextEncoderConfig(**common, backend="transformers", family="sd2", skip_layers=1, final_norm=False,
+                                     with_projection=True)
+        return TextEncoderConfig(**common, backend="open_clip", family=family,
+                                 skip_layers=1 if hints.text_skip_layers is None else hints.text_skip_layers)
     vocab, width = s["embeddings.token_embedding.weight"]
     return TextEncoderConfig(
         vocab_size=vocab, hidden_size=width, intermediate_size=s["encoder.layers.0.mlp.fc1.weight"][0],
         num_hidden_layers=s.count("encoder.layers.{}.layer_norm1.weight"),
         num_attention_heads=max(1, width // HEAD_CHANNELS),
         max_position_embeddings=s["embeddings.position_embedding.weight"][0], hidden_act="quick_gelu",
-        projection_dim=width, backend="transformers", family=family, skip_layers=hints.text_skip_layers or 0)
+        projection_dim=width, backend="transformers", family="sd1" if sdxl else family,
+        skip_layers=1 if sdxl else hints.text_skip_layers or 0, final_norm=not sdxl)
 
 
 def _metadata_json(path, metadata: dict, key: str):
@@ -246,25 +362,33 @@ def metadata_prediction_type(metadata: dict) -> str | None:
     return "v_prediction" if str(metadata.get("ss_v_parameterization", "")).lower() == "true" else None
 
 
+TEXT_METADATA = ("ldm.text_encoder", "ldm.text_encoder_2")
+
+
 def analyse(path, shapes: dict, metadata: dict, hints: Hints) -> SingleFileLayout:
     """Configs for ldm's modules from a file's shapes, metadata and hints (see the module docstring).
     The prediction type: hints (argument, yaml) first, then ldm's, the model spec's or kohya's metadata."""
-    family, layout = detect_family(path, shapes)
+    family, slots = detect_family(path, shapes)
     scheduler = _metadata_json(path, metadata, "ldm.scheduler") or {}
     hints.prediction_type = (hints.prediction_type or scheduler.get("prediction_type")
                              or metadata_prediction_type(metadata))
-    unet = _metadata_json(path, metadata, "ldm.unet") or infer_unet(path, shapes, family, hints)
-    vae = _metadata_json(path, metadata, "ldm.vae") or infer_vae(path, shapes, unet, hints)
-    text = _metadata_json(path, metadata, "ldm.text_encoder")
-    try:
-        text = TextEncoderConfig.from_dict(text) if text else infer_text(path, shapes, family, layout, hints)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: text encoder configuration: {exc}") from None
+    texts = []
+    for slot, key in zip(slots, TEXT_METADATA):
+        text = _metadata_json(path, metadata, key)
+        try:
+            config = TextEncoderConfig.from_dict(text) if text else infer_text(path, shapes, family, slot, hints)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: text encoder configuration: {exc}") from None
+        texts.append(dataclasses.replace(slot, config=config))
+    pooled = texts[-1].config.projection_dim if texts[-1].config.with_projection else None
+    unet = _metadata_json(path, metadata, "ldm.unet") or infer_unet(path, shapes, family, hints, pooled)
+    vae = _metadata_json(path, metadata, "ldm.vae") or infer_vae(path, shapes, unet, hints, family)
     schedule = {**scheduler, **hints.schedule}
     if hints.prediction_type:
         schedule["prediction_type"] = hints.prediction_type
     defaults = _metadata_json(path, metadata, "ldm.defaults") or {}
-    return SingleFileLayout(family, layout, unet, vae, text, has_ema(shapes), schedule, defaults)
+    pipeline = _metadata_json(path, metadata, "ldm.pipeline") or SDXL_PIPELINE_FLAGS.get(family, {})
+    return SingleFileLayout(family, texts, unet, vae, has_ema(shapes), schedule, defaults, pipeline)
 
 
 def sidecar_hints(path: Path) -> Hints:

@@ -35,6 +35,7 @@ class ModelInfo:
     text_layers: int                      # text transformer layers stored
     text_layer_used: int                  # the layer whose output is the context (1-based)
     text_backend: str                     # "transformers" | "open_clip"
+    text_2: tuple[str, int, int] | None = None   # SDXL base's second encoder: (backend, layers, layer used)
     parameters: dict[str, int] = field(default_factory=dict)      # per component
     dtype: str = "float32"                # of the stored weights (the most common one)
     ema: bool = False                     # EMA weights present (and used by load unless use_ema=False)
@@ -54,6 +55,9 @@ class ModelInfo:
             ("VAE", f"{_count(self.parameters.get('vae', 0))} parameters; {self.latent_channels} latent channels"),
             ("text encoder", f"{_count(self.parameters.get('text_encoder', 0))} parameters; {self.text_backend}, "
                              f"{self.text_layers} layers, context from layer {self.text_layer_used}"),
+            *([("text encoder 2", f"{_count(self.parameters.get('text_encoder_2', 0))} parameters; "
+                                  f"{self.text_2[0]}, {self.text_2[1]} layers, context from layer {self.text_2[2]}")]
+              if self.text_2 else []),
             ("dtype", self.dtype),
             ("EMA weights", "yes" if self.ema else "no"),
         ]

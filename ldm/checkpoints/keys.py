@@ -5,6 +5,10 @@ github.com/Stability-AI/stablediffusion): ``openaimodel.py``'s UNetModel under `
 ``autoencoder.py``'s AutoencoderKL under ``first_stage_model.``, the text encoder under ``cond_stage_model.``
 (transformers CLIPTextModel as ``.transformer.text_model.`` for SD 1.x; the OpenCLIP model as ``.model.`` for
 SD 2.x). The pairing is the one diffusers' ``convert_original_stable_diffusion_to_diffusers.py`` established.
+SDXL files (Stability AI's github.com/Stability-AI/generative-models, "sgm") keep the U-Net and VAE names, add
+the micro-conditioning MLP as ``label_emb.0`` and hold their text encoders under ``conditioner.embedders.N.``
+(CLIP ViT-L as a transformers CLIPTextModel, OpenCLIP ViT-bigG as the OpenCLIP model, as SD 2.x), the pairing
+of diffusers' ``scripts/convert_diffusers_to_original_sdxl.py`` and ``loaders/single_file_utils.py``.
 
 Most of the conversion is the tables below (module path pieces, ours -> theirs); the rest is index
 arithmetic: the original U-Net numbers its blocks sequentially (``input_blocks.k``), diffusers nests them
@@ -22,6 +26,21 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 CLIP_PREFIX_OLD = "cond_stage_model.transformer."       # files written with transformers < 4.22 (no text_model)
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# SDXL's conditioner (sgm): the base has CLIP ViT-L at embedders.0 (a CLIPTextModel; transformers 5 saves it without
+# "text_model.") and OpenCLIP ViT-bigG at embedders.1; the refiner has bigG alone, at embedders.0.
+SDXL_PREFIX = "conditioner.embedders."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_CLIP_PREFIX_BARE = "conditioner.embedders.0.transformer."
+SDXL_BIG_G_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."
+# Each family's text encoders in a single file, in prompt order: (key layout, prefix). What save_single_file
+# writes; load also reads CLIP_PREFIX_OLD and SDXL_CLIP_PREFIX_BARE in place of the "clip" prefixes.
+SINGLE_FILE_TEXT = {
+    "sd1": (("clip", CLIP_PREFIX),),
+    "sd2": (("open_clip", OPEN_CLIP_PREFIX),),
+    "sdxl": (("clip", SDXL_CLIP_PREFIX), ("open_clip", SDXL_BIG_G_PREFIX)),
+    "sdxl_refiner": (("open_clip", SDXL_REFINER_PREFIX),),
+}
 # LitEma (CompVis ldm/modules/ema.py) keeps one buffer per parameter of LatentDiffusion.model, named with the
 # dots removed ("diffusion_model.out.2.weight" -> "model_ema.diffusion_modelout2weight"), plus these two.
 EMA_PREFIX = "model_ema."
@@ -34,6 +53,8 @@ UNET_FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",      # SDXL's micro-conditioning MLP (openaimodel's label_emb:
+    "add_embedding.linear_2": "label_emb.0.2",      # Sequential(Sequential(Linear, SiLU, Linear)))
 }
 UNET_RESNET = {      # diffusers ResnetBlock2D -> openaimodel ResBlock (in_layers = GroupNorm, SiLU, Conv, ...)
     "norm1": "in_layers.0",
@@ -67,19 +88,24 @@ OPEN_CLIP_LAYER = {
 }
 # nn.MultiheadAttention fuses the query, key and value projections into one in_proj tensor, in that order.
 OPEN_CLIP_QKV = ("q_proj", "k_proj", "v_proj")
+# OpenCLIP's text_projection is a bare (width, embed) matrix applied as x @ P; transformers' is a Linear, (embed,
+# width). diffusers' conversion script writes the Linear as "text_projection.weight" unchanged; load takes either.
+OPEN_CLIP_PROJECTION = ("text_projection.weight", "text_projection")
 
 
 @dataclass(frozen=True)
 class KeyMap:
     """One of our tensors and where it lives in a file: ``theirs``, or chunk ``chunk`` of ``chunks`` of it
     along dim 0 when the file fuses several of our tensors (OpenCLIP's in_proj). ``conv``: the file stores
-    our linear weight (out, in) as a 1x1 convolution (out, in, 1, 1) (the original VAE's attention)."""
+    our linear weight (out, in) as a 1x1 convolution (out, in, 1, 1) (the original VAE's attention).
+    ``transpose``: the file stores our 2-D tensor transposed (OpenCLIP's text_projection)."""
 
     ours: str
     theirs: str
     chunk: int = 0
     chunks: int = 1
     conv: bool = False
+    transpose: bool = False
 
 
 def _rename(path: str, table: dict[str, str]) -> str:
@@ -159,6 +185,8 @@ _LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.*)")
 
 def open_clip_key(key: str) -> KeyMap:
     """A CLIPTextModel key (transformers 5 names) -> where it lives in an OpenCLIP text tower's state dict."""
+    if key == OPEN_CLIP_PROJECTION[0]:
+        return KeyMap(key, OPEN_CLIP_PROJECTION[1], transpose=True)
     match = _LAYER.fullmatch(key)
     if not match:
         return KeyMap(key, _rename(key, OPEN_CLIP_FIXED))
@@ -182,17 +210,21 @@ def vae_keymaps(keys, levels: int, prefix=VAE_PREFIX):
     return [KeyMap(k, prefix + vae_key(k, levels), conv=conv(k)) for k in keys]
 
 
-def text_keymaps(keys, file_layout: str, backend: str):
-    """Text encoder keys (TextEncoder.weights() names) -> SD file keys. file_layout: "clip" (SD 1.x),
-    "clip_old" (SD 1.x written by transformers < 4.22) or "open_clip" (SD 2.x); backend: the encoder's
-    ("open_clip" names equal the file's; a "transformers" encoder in an OpenCLIP file has q/k/v fused)."""
-    if file_layout in ("clip", "clip_old"):
-        prefix = CLIP_PREFIX if file_layout == "clip" else CLIP_PREFIX_OLD
+def text_keymaps(keys, file_layout: str, backend: str, prefix: str | None = None, file_keys=None):
+    """Text encoder keys (TextEncoder.weights() names) -> single-file keys. file_layout: "clip" (a transformers
+    CLIPTextModel: SD 1.x, SDXL's CLIP-L), "clip_old" (SD 1.x written by transformers < 4.22) or "open_clip"
+    (SD 2.x, SDXL's bigG); backend: the encoder's ("open_clip" names equal the file's; a "transformers" encoder
+    in an OpenCLIP file has q/k/v fused and its projection transposed). prefix: where the encoder lives (default:
+    the SD 1.x / 2.x place). file_keys: the file's keys, to take a projection stored as a Linear instead."""
+    if prefix is None:
+        prefix = {"clip": CLIP_PREFIX, "clip_old": CLIP_PREFIX_OLD, "open_clip": OPEN_CLIP_PREFIX}[file_layout]
+    if file_layout in ("clip", "clip_old") or backend == "open_clip":
         return [KeyMap(k, prefix + k) for k in keys]
-    if backend == "open_clip":
-        return [KeyMap(k, OPEN_CLIP_PREFIX + k) for k in keys]
     maps = [open_clip_key(k) for k in keys]
-    return [KeyMap(m.ours, OPEN_CLIP_PREFIX + m.theirs, m.chunk, m.chunks) for m in maps]
+    linear = file_keys is not None and prefix + OPEN_CLIP_PROJECTION[1] not in file_keys and \
+        prefix + OPEN_CLIP_PROJECTION[0] in file_keys
+    return [KeyMap(m.ours, prefix + m.ours, transpose=False) if linear and m.transpose else
+            KeyMap(m.ours, prefix + m.theirs, m.chunk, m.chunks, transpose=m.transpose) for m in maps]
 
 
 def ema_key(file_key: str) -> str:
@@ -203,6 +235,8 @@ def ema_key(file_key: str) -> str:
 # -- applying key maps ----------------------------------------------------------------------------------
 def file_shape(m: KeyMap, ours_shape: tuple) -> tuple:
     """The shape the file's tensor must have for our tensor of shape ``ours_shape``."""
+    if m.transpose:
+        return tuple(reversed(ours_shape))
     shape = (ours_shape[0] * m.chunks, *ours_shape[1:])
     return (*shape, 1, 1) if m.conv else shape
 
@@ -233,6 +267,8 @@ def gather(maps, tensors: dict) -> dict:
             t = t.chunk(m.chunks, dim=0)[m.chunk]
         if m.conv and t.ndim == 4:
             t = t[:, :, 0, 0]
+        if m.transpose:
+            t = t.t().contiguous()
         out[m.ours] = t
     return out
 
@@ -246,6 +282,8 @@ def scatter(maps, tensors: dict) -> dict:
         t = tensors[m.ours]
         if m.conv:
             t = t[:, :, None, None]
+        if m.transpose:
+            t = t.t().contiguous()
         if m.chunks > 1:
             parts.setdefault(m.theirs, [None] * m.chunks)[m.chunk] = t
         else:

@@ -21,7 +21,7 @@ import torch
 from ldm.checkpoints.components import Components
 from ldm.checkpoints.infer import Hints, SingleFileLayout, analyse, sidecar_hints
 from ldm.checkpoints.info import FAMILY_NAMES, ModelInfo
-from ldm.checkpoints.keys import (EMA_BOOKKEEPING, EMA_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, KeyMap, check,
+from ldm.checkpoints.keys import (EMA_BOOKKEEPING, EMA_PREFIX, SDXL_PREFIX, UNET_PREFIX, VAE_PREFIX, KeyMap, check,
                                   ema_key, gather, text_keymaps, unet_keymaps, vae_keymaps)
 from ldm.checkpoints.tensor_io import (PICKLE_SUFFIXES, CheckpointError, error_list, load_tensors, read_json,
                                        read_safetensors_header)
@@ -116,9 +116,10 @@ def _unet_maps(unet: UNet, layout: SingleFileLayout, use_ema: bool) -> list[KeyM
 
 
 def _ignorable_sd_key(key: str, ema_used: bool) -> bool:
-    if "." not in key:                      # LatentDiffusion's registered schedule buffers (betas, ...)
+    if "." not in key or key == "denoiser.sigmas":   # LatentDiffusion's schedule buffers (betas, ...); sgm's sigmas
         return True
-    if key.endswith(".position_ids") or key in (OPEN_CLIP_PREFIX + "logit_scale", OPEN_CLIP_PREFIX + "attn_mask") \
+    text = key.startswith(("cond_stage_model.", SDXL_PREFIX))
+    if key.endswith(".position_ids") or (text and key.endswith((".logit_scale", ".attn_mask"))) \
             or key in EMA_BOOKKEEPING:
         return True
     if key.startswith(EMA_PREFIX):
@@ -153,24 +154,27 @@ def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Comp
     layout, schedule = _layout(path, shapes, metadata, prediction_type)
     unet = _on_meta(UNet, _config(UNetConfig, layout.unet, path, "U-Net"))
     vae = _on_meta(AutoencoderKL, _config(VAEConfig, layout.vae, path, "VAE"))
-    text = TextEncoder(layout.text, init_weights=False)
-    text_weights = text.weights()
+    texts = [TextEncoder(slot.config, init_weights=False) for slot in layout.texts]
+    text_weights = [text.weights() for text in texts]
     ema_used = use_ema and layout.ema
-    maps = {
-        "unet": _unet_maps(unet, layout, use_ema),
-        "vae": vae_keymaps(vae.state_dict(), len(vae.config.block_out_channels)),
-        "text": text_keymaps(text_weights, layout.text_layout, layout.text.backend),
-    }
+    maps = [_unet_maps(unet, layout, use_ema), vae_keymaps(vae.state_dict(), len(vae.config.block_out_channels)),
+            *(text_keymaps(w, slot.layout, slot.config.backend, slot.prefix, shapes)
+              for w, slot in zip(text_weights, layout.texts))]
+    ours = [_module_shapes(unet), _module_shapes(vae), *(_module_shapes(w) for w in text_weights)]
     _validate(path, f"{FAMILY_NAMES[layout.family].split(' (')[0]} model its tensors describe", shapes,
-              [(maps["unet"], _module_shapes(unet)), (maps["vae"], _module_shapes(vae)),
-               (maps["text"], _module_shapes(text_weights))],
-              lambda k: _ignorable_sd_key(k, ema_used))
+              list(zip(maps, ours)), lambda k: _ignorable_sd_key(k, ema_used))
     dtype = dtype or torch.float32
-    _assign(unet, gather(maps["unet"], tensors), dtype)
-    _assign(vae, gather(maps["vae"], tensors), dtype)
-    _assign_text(text, gather(maps["text"], tensors), dtype)
+    # One component at a time, dropping the file's tensors once taken: at most one extra copy of a component
+    # when the file's dtype differs from ``dtype`` (none when it does not).
+    for i, module in enumerate([unet, vae, *texts]):
+        state = gather(maps[i], tensors)
+        for m in maps[i]:
+            tensors.pop(m.theirs, None)
+        (_assign_text if i >= 2 else _assign)(module, state, dtype)
+        del state
     info = _single_file_info(path, layout, schedule, shapes, dtypes)
-    return Components(unet, vae, text, schedule, info, layout.defaults)
+    return Components(unet, vae, texts[0], schedule, info, layout.defaults,
+                      text_encoder_2=texts[1] if len(texts) > 1 else None, pipeline_config=layout.pipeline)
 
 
 def _numel(shapes: dict, keep) -> int:
@@ -193,19 +197,23 @@ def _info(path, fmt, unet: dict, vae: dict, texts: list[TextEncoderConfig], sche
         sample_size=unet.get("sample_size", 64), unet_in_channels=unet.get("in_channels", 4),
         latent_channels=vae.get("latent_channels", 4), block_out_channels=tuple(unet["block_out_channels"]),
         context_dim=sum(t.hidden_size for t in texts), text_layers=text.num_hidden_layers,
-        text_layer_used=text.num_hidden_layers - text.skip_layers, text_backend=text.backend, **extra)
+        text_layer_used=text.num_hidden_layers - text.skip_layers, text_backend=text.backend,
+        text_2=(texts[1].backend, texts[1].num_hidden_layers, texts[1].num_hidden_layers - texts[1].skip_layers)
+        if len(texts) > 1 else None, **extra)
 
 
 def _single_file_info(path: Path, layout: SingleFileLayout, schedule, shapes, dtypes) -> ModelInfo:
-    def text_key(k):
-        return k.startswith("cond_stage_model.") and not k.endswith(("position_ids", "logit_scale"))
+    def text_key(prefix):
+        return lambda k: k.startswith(prefix) and not k.endswith(("position_ids", "logit_scale", "attn_mask"))
 
     unet_keys = [k for k in shapes if k.startswith(UNET_PREFIX)]
+    names = ("text_encoder", "text_encoder_2")
     return _info(path, "safetensors" if path.suffix == ".safetensors" else "ckpt", layout.unet, layout.vae,
-                 [layout.text], schedule,
+                 [slot.config for slot in layout.texts], schedule, family=layout.family,
                  parameters={"unet": _numel(shapes, lambda k: k.startswith(UNET_PREFIX)),
                              "vae": _numel(shapes, lambda k: k.startswith(VAE_PREFIX)),
-                             "text_encoder": _numel(shapes, text_key)},
+                             **{name: _numel(shapes, text_key(slot.prefix))
+                                for name, slot in zip(names, layout.texts)}},
                  dtype=_common_dtype(dtypes, unet_keys), ema=layout.ema, file_size=path.stat().st_size)
 
 

@@ -316,10 +316,17 @@ def test_pickle_that_would_run_code_is_refused_unrun(tmp_path, writer):
 
 
 def test_unknown_and_unsupported_families(tmp_path):
+    for family, key in (("SD3", "model.diffusion_model.joint_blocks.0.x_block.mlp.fc1.weight"),
+                        ("Flux", "double_blocks.0.img_attn.norm.key_norm.scale"),
+                        ("Stable Cascade", "clip_txt_mapper.weight")):
+        path = tmp_path / f"{family}.safetensors"
+        save_file({key: torch.zeros(1)}, str(path))
+        with pytest.raises(CheckpointError, match=f"{family}.safetensors: not supported, this is {family}"):
+            load(path)
     sdxl = tmp_path / "xl.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
                "conditioner.embedders.1.model.positional_embedding": torch.zeros(1)}, str(sdxl))
-    with pytest.raises(CheckpointError, match="xl.safetensors: unsupported model family SDXL"):
+    with pytest.raises(CheckpointError, match="xl.safetensors: SDXL file without its CLIP ViT-L text encoder"):
         load(sdxl)
     no_text = tmp_path / "no_text.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
