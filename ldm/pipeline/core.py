@@ -169,9 +169,8 @@ class Pipeline(prompting.PromptFeatures, Applications):
         prompts = as_prompts(prompt, "prompt")
         n = positive_int(num_images_per_prompt, "num_images_per_prompt")
         negatives, given = as_negatives(negative_prompt, len(prompts))
-        prompts = [p for p in prompts for _ in range(n)]  # diffusers' order: each prompt n times in a row
-        negatives = [p for p in negatives for _ in range(n)]
-        given = [g for g in given for _ in range(n)]
+        # diffusers' order: each prompt n times in a row
+        prompts, negatives, given = ([x for x in xs for _ in range(n)] for xs in (prompts, negatives, given))
         native = self.defaults.get("size") or self.unet.config.sample_size * self.vae_scale_factor
         height = (self.defaults.get("height") or native) if height is None else height
         width = (self.defaults.get("width") or native) if width is None else width
