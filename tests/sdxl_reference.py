@@ -118,11 +118,13 @@ def bigg_to_open_clip(state: dict, released_projection: bool = False) -> dict:
 def convert_folder(folder, released_projection: bool = False, half: bool = False) -> dict:
     """The single-file tensors of an SDXL base diffusers folder (safetensors weights)."""
     folder = Path(folder)
-    tensors = {**unet_to_original(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))),
-               **vae_to_original(load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")))}
-    tensors.update({"conditioner.embedders.0.transformer." + k: v
-                    for k, v in load_file(str(folder / "text_encoder" / "model.safetensors")).items()})
-    bigg = bigg_to_open_clip(load_file(str(folder / "text_encoder_2" / "model.safetensors")), released_projection)
+
+    def read(name: str) -> dict:                 # one file, or the shards save_pretrained splits a large model into
+        return {k: v for f in sorted((folder / name).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    tensors = {**unet_to_original(read("unet")), **vae_to_original(read("vae"))}
+    tensors.update({"conditioner.embedders.0.transformer." + k: v for k, v in read("text_encoder").items()})
+    bigg = bigg_to_open_clip(read("text_encoder_2"), released_projection)
     tensors.update({"conditioner.embedders.1.model." + k: v for k, v in bigg.items()})
     return {k: v.half() for k, v in tensors.items()} if half else tensors
 

@@ -4,7 +4,10 @@
   z ~ q(z | x) plus a small KL(q(z | x) || N(0, I)) (Rombach et al. 2022, §3; no perceptual or adversarial
   term, so nothing is downloaded). The latent scale is measured at the end (``train_setup.latent_scale``).
 * ``UNetStage``: the denoising U-Net (and the text encoder, or LoRA adapters on either) on VAE latents, the
-  VAE frozen. Loss = ldm.losses.diffusion_loss on an ε or v target at a uniformly drawn timestep.
+  VAE frozen. Loss = ldm.losses.diffusion_loss on an ε or v target at a uniformly drawn timestep. An SDXL U-Net
+  also takes what the pipeline gives it (``ldm.pipeline.conditioning``): both encoders' context, bigG's pooled
+  embedding and the micro-conditioning time ids, here original size = target size = the batch's image size and
+  crop (0, 0) (the refiner: its aesthetic score), as diffusers' SDXL training scripts do for uncropped images.
 
 All per-sample randomness (z ~ q(z|x), t, noise, offset noise) comes from the sample's own seed in the
 batch (``ldm.data``), so the result does not depend on how a global batch is split across processes.
@@ -23,6 +26,7 @@ from ldm.checkpoints import Components
 from ldm.checkpoints.adapters.kohya import save_kohya
 from ldm.checkpoints.adapters.lora import TEXT_TARGETS, UNET_TARGETS, adapters, add_lora, lora_state_dict, save_lora
 from ldm.pipeline import Pipeline
+from ldm.pipeline.conditioning import TextConditioner
 from ldm.pipeline.images import to_pil, to_unit
 from ldm.rng import randn
 from ldm.schedules import NoiseSchedule
@@ -116,11 +120,13 @@ class VAEStage:
 
 
 class DiffusionModel(nn.Module):
-    """U-Net + text encoder as one module, so DDP and EMA see every trained parameter at once."""
+    """U-Net + text encoder(s) as one module, so DDP and EMA see every trained parameter at once."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text: bool):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text: bool,
+                 text_encoder_2: nn.Module | None = None, conditioner: TextConditioner | None = None):
         super().__init__()
         self.unet, self.text_encoder, self.train_text = unet, text_encoder, train_text
+        self.text_encoder_2, self.conditioner = text_encoder_2, conditioner
         self._unet_forward = unet.forward
 
     def compile_training(self) -> None:
@@ -129,12 +135,18 @@ class DiffusionModel(nn.Module):
         self._unet_forward = torch.compile(self.unet.forward)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict from token ids, or from a ready context (a frozen text encoder's, cached)."""
+                context: torch.Tensor | None = None, captions: list[str] | None = None, **added) -> torch.Tensor:
+        """Predict from token ids, from captions (through the conditioner: SDXL's two encoders and pooled
+        embedding), or from a ready context (a frozen text encoder's, cached). ``added``: the U-Net's other
+        conditions (SDXL: text_embeds, time_ids)."""
         if context is None:
             with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
-                context = self.text_encoder.encode(ids)
-        return self._unet_forward(x_t, t, context)
+                if captions is not None:
+                    added = {**self.conditioner.encode(captions), **added}
+                    context = added.pop("context")
+                else:
+                    context = self.text_encoder.encode(ids)
+        return self._unet_forward(x_t, t, context, **added)
 
 
 class UNetStage:
@@ -147,36 +159,45 @@ class UNetStage:
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         self.vae = vae.eval().requires_grad_(False)
         self.lora = cfg.lora.rank > 0
+        self.conditioner = TextConditioner.for_components(components)
         train_text = cfg.train_text_encoder or (self.lora and cfg.lora.text_encoder)
-        self.module = DiffusionModel(unet, text, train_text)
-        self.contexts: dict[str, torch.Tensor] = {}
+        self.module = DiffusionModel(unet, text, train_text, components.text_encoder_2, self.conditioner)
+        self.contexts: dict[str, dict[str, torch.Tensor]] = {}
         unet.train()
-        text.train(train_text)
+        encoders = components.text_encoders
+        for encoder in encoders:
+            encoder.train(train_text)
         if self.lora:
             unet.requires_grad_(False)
-            text.requires_grad_(False)
+            for encoder in encoders:
+                encoder.requires_grad_(False)
             self.unet_params = add_lora(unet, cfg.lora.rank, cfg.lora.alpha, UNET_TARGETS)
-            self.text_params = add_lora(text.model, cfg.lora.rank, cfg.lora.alpha, TEXT_TARGETS) \
+            self.text_params = [p for name, model in self._adapted(self.module).items() if name != "unet"
+                                for p in add_lora(model, cfg.lora.rank, cfg.lora.alpha, TEXT_TARGETS)] \
                 if cfg.lora.text_encoder else []
         else:
-            text.requires_grad_(cfg.train_text_encoder)
-            self.unet_params = list(unet.parameters())
-            self.text_params = list(text.parameters()) if cfg.train_text_encoder else []
+            self.unet_params, self.text_params = list(unet.parameters()), []
+            for encoder in encoders:
+                encoder.requires_grad_(cfg.train_text_encoder)
+                self.text_params += list(encoder.parameters()) if cfg.train_text_encoder else []
 
     @torch.no_grad()
-    def frozen_context(self, captions: list[str], device) -> torch.Tensor:
-        """Contexts of a frozen text encoder, kept in memory per caption (up to CONTEXT_CACHE entries). Each
-        caption is encoded on its own, so a context never depends on which captions shared its batch."""
-        text = self.components.text_encoder
+    def frozen_conditions(self, captions: list[str], device) -> dict[str, torch.Tensor]:
+        """The conditions of frozen text encoders ({"context"}, SDXL also {"text_embeds"}), kept in memory per
+        caption (up to CONTEXT_CACHE entries). Each caption is encoded on its own, so its conditions never
+        depend on which captions shared its batch."""
         rows = []
         for caption in captions:
-            ctx = self.contexts.get(caption)
-            if ctx is None:
-                ctx = text.encode(text.tokenize([caption]).to(device))[0]
+            row = self.contexts.get(caption)
+            if row is None:
+                row = {k: v[0].to(device) for k, v in self.conditioner.encode_one(caption).items()}
                 if len(self.contexts) < CONTEXT_CACHE:
-                    self.contexts[caption] = ctx
-            rows.append(ctx)
-        return torch.stack(rows)
+                    self.contexts[caption] = row
+            rows.append(row)
+        return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def frozen_context(self, captions: list[str], device) -> torch.Tensor:
+        return self.frozen_conditions(captions, device)["context"]
 
     def param_groups(self) -> list[dict]:
         groups = [{"params": self.unet_params, "lr": self.cfg.lr}]
@@ -204,10 +225,15 @@ class UNetStage:
         t = torch.stack([torch.randint(T, (), generator=g) for g in gens]).to(device)
         noise = losses.offset_noise(z.shape, self.cfg.offset_noise, generator=gens, device=device)
         x_t = self.schedule.q_sample(z, t, noise)
-        if self.module.train_text:
-            pred = model(x_t, t, ids=self.components.text_encoder.tokenize(batch["caption"]).to(device))
+        down = self.vae.config.downscale
+        added = {k: v.to(device) for k, v in self.conditioner.added(
+            z.shape[0], z.shape[2] * down, z.shape[3] * down, None, negative=False).items()}
+        if self.module.train_text and self.conditioner.pooled:
+            pred = model(x_t, t, captions=list(batch["caption"]), **added)
+        elif self.module.train_text:
+            pred = model(x_t, t, ids=self.components.text_encoder.tokenize(batch["caption"]).to(device), **added)
         else:
-            pred = model(x_t, t, context=self.frozen_context(batch["caption"], device))
+            pred = model(x_t, t, **self.frozen_conditions(batch["caption"], device), **added)
         ab = self.alphas_cumprod.to(device)[t]
         prediction = self.schedule.config.prediction_type   # the model's own, so a fine-tune keeps it
         return losses.diffusion_loss(pred.float(), z.float(), noise.float(), ab, prediction, self.cfg.snr_gamma)
@@ -217,7 +243,8 @@ class UNetStage:
         """A Pipeline over the live networks (no copies); their requires_grad flags come back afterwards."""
         flags = [(p, p.requires_grad) for p in module.parameters()]
         c = self.components
-        comps = Components(module.unet, self.vae, module.text_encoder, c.schedule, c.info, vars(self.cfg.defaults))
+        comps = Components(module.unet, self.vae, module.text_encoder, c.schedule, c.info, vars(self.cfg.defaults),
+                           text_encoder_2=module.text_encoder_2, pipeline_config=c.pipeline_config)
         try:
             yield Pipeline(comps, device=next(module.parameters()).device)
         finally:
@@ -236,29 +263,45 @@ class UNetStage:
 
     def trainable_state(self, module: DiffusionModel) -> dict[str, torch.Tensor]:
         if self.lora:
-            return lora_state_dict({"unet": module.unet, "text_encoder": module.text_encoder.model})
+            return lora_state_dict(self._adapted(module))
         state = {f"unet.{k}": v for k, v in module.unet.state_dict().items()}
         if module.train_text:
-            state.update({f"text_encoder.{k}": v for k, v in module.text_encoder.weights().items()})
+            for name, encoder in self._encoders(module):
+                state.update({f"{name}.{k}": v for k, v in encoder.weights().items()})
         return state
+
+    @staticmethod
+    def _encoders(module: DiffusionModel):
+        return [(name, e) for name, e in (("text_encoder", module.text_encoder),
+                                          ("text_encoder_2", module.text_encoder_2)) if e is not None]
+
+    def _adapted(self, module: DiffusionModel) -> dict[str, nn.Module]:
+        """The networks LoRA adapts, by the name its files give them: the U-Net, and each text encoder's
+        transformer when ``lora.text_encoder`` (SDXL: both, as ``text_encoder`` and ``text_encoder_2``)."""
+        models = {"unet": module.unet}
+        if self.cfg.lora.text_encoder:
+            models.update({name: encoder.model for name, encoder in self._encoders(module)})
+        return models
 
     def load_trainable_state(self, module: DiffusionModel, state: dict[str, torch.Tensor]) -> None:
         if self.lora:
-            for prefix, m in (("unet", module.unet), ("text_encoder", module.text_encoder.model)):
+            for prefix, m in self._adapted(module).items():
                 for name, lora in adapters(m).items():
                     lora.lora_A.data.copy_(state[f"{prefix}.{name}.lora_A.weight"])
                     lora.lora_B.data.copy_(state[f"{prefix}.{name}.lora_B.weight"])
             return
         module.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")}, strict=True)
         if module.train_text:
-            module.text_encoder.load_weights({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+            for name, encoder in self._encoders(module):
+                encoder.load_weights({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
 
     def finish(self, module: DiffusionModel, dataset, out: Path) -> Path:
         if self.lora:
             write = save_kohya if self.cfg.lora.format == "kohya" else save_lora
-            return write(out / "lora.safetensors", {"unet": module.unet, "text_encoder": module.text_encoder.model})
+            return write(out / "lora.safetensors", self._adapted(module))
         c = self.components
-        comps = Components(module.unet, self.vae, module.text_encoder, c.schedule, c.info)
+        comps = Components(module.unet, self.vae, module.text_encoder, c.schedule, c.info,
+                           text_encoder_2=module.text_encoder_2, pipeline_config=c.pipeline_config)
         return write_model(comps, self.cfg, out / "model")
 
 
