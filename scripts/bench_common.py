@@ -58,14 +58,17 @@ def configs(model: str) -> tuple[dict, dict, dict, dict]:
         return SD15_UNET, SD15_VAE, SD15_TEXT, SD15_SCHEDULE
     if model == "default":
         return default_configs()
-    raise ValueError(f"unknown model {model!r} (sd15 or default)")
+    raise ValueError(f"unknown model {model!r} (sd15 or default; sdxl: make_sdxl_folder)")
 
 
-def make_folder(model: str, folder: Path, seed: int = 0, reuse: bool = False) -> Path:
-    """Build ``model`` with random (seeded) weights in diffusers/transformers classes; save it as a folder.
-    With ``reuse``, a folder already complete (model_index.json is written last) is taken as it is."""
+def make_folder(model: str, folder: Path, seed: int = 0, reuse: bool = False, dtype=torch.float32) -> Path:
+    """Build ``model`` ("default", "sd15" or "sdxl") with random (seeded) weights in diffusers/transformers
+    classes; save it as a folder. With ``reuse``, a folder already complete (model_index.json is written last)
+    is taken as it is."""
     if reuse and (Path(folder) / "model_index.json").is_file():
         return Path(folder)
+    if model == "sdxl":
+        return make_sdxl_folder(Path(folder), seed, dtype)
     from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -84,11 +87,45 @@ def make_folder(model: str, folder: Path, seed: int = 0, reuse: bool = False) ->
     return Path(folder)
 
 
+def make_sdxl_folder(folder: Path, seed: int = 0, dtype=torch.float32) -> Path:
+    """SDXL base's architecture (tests/sdxl_reference.py: the released config.json values) with random weights,
+    saved as a StableDiffusionXLPipeline folder one component at a time (each is freed before the next is
+    built: 3.5 B parameters, 14 GB in float32), weights stored as ``dtype``."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from ldm.assets import TOKENIZER_DIR
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sdxl_reference import BIG_G, CLIP_L, SDXL_BASE_UNET, SDXL_VAE
+
+    torch.manual_seed(seed)
+    parts = (("unet", lambda: UNet2DConditionModel(**SDXL_BASE_UNET)), ("vae", lambda: AutoencoderKL(**SDXL_VAE)),
+             ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L))),
+             ("text_encoder_2", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**BIG_G))))
+    for name, make in parts:
+        make().to(dtype).save_pretrained(folder / name, safe_serialization=True, max_shard_size="50GB")
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):    # SDXL's two tokenizers' padding
+        CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token=pad, model_max_length=77).save_pretrained(
+            folder / name)
+    # SDXL base's scheduler_config.json (EulerDiscreteScheduler there; the same training schedule)
+    DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                steps_offset=1, timestep_spacing="leading").save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "image_encoder": [None, None],
+             "feature_extractor": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))     # last: marks the folder complete
+    return folder
+
+
 def load_pipeline(lib: str, folder, *, device: str = "cpu", batch_invariant: bool = True, lean: bool = True,
                   prepack: bool = True, dtype: str | None = None, vae_dtype: str = "float32",
                   micro_batch: int | None = None):
-    """(pipe, generate) for ``lib`` "ldm" (ldm.Pipeline) or "diffusers" (StableDiffusionPipeline with
-    DPMSolverMultistepScheduler) on ``folder``; ``generate(prompts, steps, size)`` samples both alike:
+    """(pipe, generate) for ``lib`` "ldm" (ldm.Pipeline) or "diffusers" (the folder's pipeline class,
+    StableDiffusionPipeline or StableDiffusionXLPipeline, in float32, with DPMSolverMultistepScheduler) on ``folder``; ``generate(prompts, steps, size)`` samples both alike:
     DPM-Solver++ 2M, guidance 7.5, seed 0, float arrays out. ``dtype``, ``vae_dtype``, ``micro_batch``: ldm's
     options of those names (None: its defaults)."""
     if lib == "ldm":
@@ -105,9 +142,11 @@ def load_pipeline(lib: str, folder, *, device: str = "cpu", batch_invariant: boo
             return pipe(prompts, steps=steps, guidance=7.5, sampler="dpmpp_2m", height=size, width=size, seed=0,
                         progress=False, output_type="np")
         return pipe, generate
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    extra = {} if (Path(folder) / "text_encoder_2").is_dir() else dict(safety_checker=None,
+                                                                         requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, **extra)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

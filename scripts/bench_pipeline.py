@@ -1,4 +1,4 @@
-"""Text-to-image speed and peak memory: ldm.Pipeline vs diffusers' StableDiffusionPipeline, same weights.
+"""Text-to-image speed and peak memory: ldm.Pipeline vs diffusers' StableDiffusion(XL)Pipeline, same weights.
 
     PYTHONPATH=. python scripts/bench_pipeline.py --quick                 # default model 64x64 + SD 1.5 256x256
     PYTHONPATH=. python scripts/bench_pipeline.py --model sd15 --steps 10 --repeats 3 --batch 1 4 --threads 1
@@ -6,6 +6,8 @@
         --keep /tmp/bench_sd15 --settings diffusers ldm-lean ldm-plain         # peak memory only
     PYTHONPATH=. python scripts/bench_pipeline.py --model sd15 --steps 4 --batch 1 --rounds 3 --keep /tmp/bench_keep \
         --settings diffusers ldm-lean ldm-bf16 ldm-bf16-vae openvino-dynamic openvino-static   # the CPU peers
+    PYTHONPATH=. python scripts/bench_pipeline.py --model sdxl --steps 2 --repeats 1 --batch 1 --keep /tmp/bench \
+        --settings diffusers ldm-lean                        # full-size SDXL base, random weights: 512² on CPU
 
 Both pipelines use DPM-Solver++ 2M (ldm: sampler="dpmpp_2m"; diffusers: DPMSolverMultistepScheduler), the same
 steps, guidance 7.5, size and batch. Each (library, setting) runs in its own subprocess: peak memory is
@@ -144,10 +146,11 @@ def combine(runs: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=["default", "sd15"], choices=["default", "sd15"])
+    p.add_argument("--model", nargs="+", default=["default", "sd15"], choices=["default", "sd15", "sdxl"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--size", type=int, default=None, help="sd15 image size (default 256 on CPU, 512 on CUDA)")
+    p.add_argument("--size", type=int, default=None, help="sd15/sdxl image size (default: sd15 256 on CPU, "
+                   "512 on CUDA; sdxl 512 on CPU, 1024 on CUDA)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="steps 4, repeats 1 (a rough first look)")
@@ -176,7 +179,8 @@ def main() -> None:
         a.steps, a.repeats = 4, 1
     import torch
 
-    sd_size = a.size or (512 if torch.cuda.is_available() else 256)
+    cuda = torch.cuda.is_available()
+    sizes = {"default": 64, "sd15": a.size or (512 if cuda else 256), "sdxl": a.size or (1024 if cuda else 512)}
     print(f"# {bc.cpu_name()}; torch {torch.__version__}, threads {a.threads}, steps {a.steps}, repeats "
           f"{a.repeats}, rounds {a.rounds}, {'CUDA' if torch.cuda.is_available() else 'CPU'}")
     python = a.openvino_python or openvino_python()
@@ -187,7 +191,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.model:
             folder = bc.make_folder(model, (a.keep or Path(tmp)) / model, reuse=a.keep is not None)
-            size = 64 if model == "default" else sd_size
+            size = sizes[model]
             for batch in a.batch:
                 common = ["--steps", str(a.steps), "--repeats", str(a.repeats), "--size", str(size), "--batch",
                           str(batch), "--threads", str(a.threads)]
