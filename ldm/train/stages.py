@@ -196,9 +196,6 @@ class UNetStage:
             rows.append(row)
         return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
 
-    def frozen_context(self, captions: list[str], device) -> torch.Tensor:
-        return self.frozen_conditions(captions, device)["context"]
-
     def param_groups(self) -> list[dict]:
         groups = [{"params": self.unet_params, "lr": self.cfg.lr}]
         if self.text_params:
