@@ -23,8 +23,8 @@ from ldm.checkpoints.infer import Hints, SingleFileLayout, analyse, sidecar_hint
 from ldm.checkpoints.info import FAMILY_NAMES, ModelInfo
 from ldm.checkpoints.keys import (EMA_BOOKKEEPING, EMA_PREFIX, SDXL_PREFIX, UNET_PREFIX, VAE_PREFIX, KeyMap, check,
                                   ema_key, gather, text_keymaps, unet_keymaps, vae_keymaps)
-from ldm.checkpoints.tensor_io import (PICKLE_SUFFIXES, CheckpointError, error_list, load_tensors, read_json,
-                                       read_safetensors_header)
+from ldm.checkpoints.tensor_io import (PICKLE_SUFFIXES, CheckpointError, cast_floating, error_list, load_tensors,
+                                       read_json, read_safetensors_header)
 from ldm.models.text import TextEncoder, TextEncoderConfig
 from ldm.models.tokenizer import load_tokenizer
 from ldm.models.unet import UNet, UNetConfig
@@ -127,18 +127,19 @@ def _ignorable_sd_key(key: str, ema_used: bool) -> bool:
     return ema_used and key.startswith(UNET_PREFIX)       # raw U-Net weights replaced by their EMA copies
 
 
-def _read_single_file(path: Path, *, tensors: bool):
-    """(tensors or None, shapes, dtype names, metadata) of an SD single file."""
+def _read_single_file(path: Path, *, tensors: bool, dtype=None):
+    """(tensors or None, shapes, dtype names, metadata) of an SD single file; floating-point tensors in
+    ``dtype`` when given (dtype names: the file's)."""
     if path.suffix == ".safetensors":
         header = read_safetensors_header(path)
-        loaded = load_tensors(path) if tensors else None
+        loaded = load_tensors(path, dtype) if tensors else None
         dtypes = {k: _DTYPE_NAMES.get(v, v.lower()) for k, v in header.dtypes.items()}
         return loaded, header.shapes, dtypes, header.metadata
     if path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, .ckpt, or a diffusers folder)")
     loaded = load_tensors(path)
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in loaded.items()}
-    return loaded, {k: tuple(v.shape) for k, v in loaded.items()}, dtypes, {}
+    return cast_floating(loaded, dtype), {k: tuple(v.shape) for k, v in loaded.items()}, dtypes, {}
 
 
 def _layout(path: Path, shapes: dict, metadata: dict, prediction_type):
@@ -150,7 +151,8 @@ def _layout(path: Path, shapes: dict, metadata: dict, prediction_type):
 
 
 def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Components:
-    tensors, shapes, dtypes, metadata = _read_single_file(path, tensors=True)
+    dtype = dtype or torch.float32
+    tensors, shapes, dtypes, metadata = _read_single_file(path, tensors=True, dtype=dtype)
     layout, schedule = _layout(path, shapes, metadata, prediction_type)
     unet = _on_meta(UNet, _config(UNetConfig, layout.unet, path, "U-Net"))
     vae = _on_meta(AutoencoderKL, _config(VAEConfig, layout.vae, path, "VAE"))
@@ -163,9 +165,8 @@ def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Comp
     ours = [_module_shapes(unet), _module_shapes(vae), *(_module_shapes(w) for w in text_weights)]
     _validate(path, f"{FAMILY_NAMES[layout.family].split(' (')[0]} model its tensors describe", shapes,
               list(zip(maps, ours)), lambda k: _ignorable_sd_key(k, ema_used))
-    dtype = dtype or torch.float32
-    # One component at a time, dropping the file's tensors once taken: at most one extra copy of a component
-    # when the file's dtype differs from ``dtype`` (none when it does not).
+    # The tensors arrive in ``dtype`` (converted one by one as read); one component at a time, dropping the
+    # file's tensors once taken.
     for i, module in enumerate([unet, vae, *texts]):
         state = gather(maps[i], tensors)
         for m in maps[i]:
@@ -245,22 +246,26 @@ class _Weights:
     tensors: dict | None = None
 
     @classmethod
-    def read(cls, sub: Path, stem: str, load_tensors_too: bool) -> _Weights:
+    def read(cls, sub: Path, stem: str, load_tensors_too: bool, dtype=None) -> _Weights:
         files = _weight_files(sub, stem)
         shapes, dtypes, tensors = {}, {}, {} if load_tensors_too else None
+        text = sub.name in TEXT_SLOTS          # transformers < 5 saves under "text_model."; 5.x does not
         for f in files:
-            if f.suffix == ".safetensors" and not load_tensors_too:
+            if f.suffix == ".safetensors":
                 header = read_safetensors_header(f)
-                shapes.update(header.shapes)
-                dtypes.update({k: _DTYPE_NAMES.get(v, v.lower()) for k, v in header.dtypes.items()})
-                continue
-            loaded = load_tensors(f)
-            if sub.name in TEXT_SLOTS:         # transformers < 5 saves under "text_model."; 5.x does not
-                loaded = {k.removeprefix("text_model."): v for k, v in loaded.items()}
-            shapes.update({k: tuple(v.shape) for k, v in loaded.items()})
-            dtypes.update({k: str(v.dtype).removeprefix("torch.") for k, v in loaded.items()})
+                file_shapes = header.shapes
+                file_dtypes = {k: _DTYPE_NAMES.get(v, v.lower()) for k, v in header.dtypes.items()}
+                loaded = load_tensors(f, dtype) if load_tensors_too else {}
+            else:
+                loaded = load_tensors(f)
+                file_shapes = {k: tuple(v.shape) for k, v in loaded.items()}
+                file_dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in loaded.items()}
+                loaded = cast_floating(loaded, dtype)
+            strip = (lambda k: k.removeprefix("text_model.")) if text else (lambda k: k)
+            shapes.update({strip(k): v for k, v in file_shapes.items()})
+            dtypes.update({strip(k): v for k, v in file_dtypes.items()})
             if tensors is not None:
-                tensors.update(loaded)
+                tensors.update({strip(k): v for k, v in loaded.items()})
         return cls(files, shapes, dtypes, tensors)
 
     @property
@@ -319,11 +324,12 @@ def _folder_configs(folder: Path, prediction_type) -> _FolderConfigs:
     return _FolderConfigs(unet, vae, texts, schedule, defaults, flags, family)
 
 
-def _folder(folder: Path, prediction_type, load_tensors_too: bool):
-    """(configs, per-component weights, ModelInfo) of a diffusers folder."""
+def _folder(folder: Path, prediction_type, load_tensors_too: bool, dtype=None):
+    """(configs, per-component weights, ModelInfo) of a diffusers folder; loaded floating-point tensors in
+    ``dtype`` when given."""
     c = _folder_configs(folder, prediction_type)
     names = ("unet", "vae", *c.texts)
-    weights = {name: _Weights.read(folder / name, SUBFOLDERS[name], load_tensors_too) for name in names}
+    weights = {name: _Weights.read(folder / name, SUBFOLDERS[name], load_tensors_too, dtype) for name in names}
     parameters = {name: _numel(w.shapes, lambda k: not k.endswith("position_ids")) for name, w in weights.items()}
     info = _info(folder, "diffusers", c.unet, c.vae, list(c.texts.values()), c.schedule, family=c.family,
                  parameters=parameters, dtype=_common_dtype(weights["unet"].dtypes, weights["unet"].dtypes),
@@ -341,7 +347,8 @@ def _folder_tokenizer(folder: Path, name: str):
 
 
 def _load_folder(folder: Path, prediction_type, dtype) -> Components:
-    c, weights, info = _folder(folder, prediction_type, True)
+    dtype = dtype or torch.float32
+    c, weights, info = _folder(folder, prediction_type, True, dtype)
     unet = _on_meta(UNet, _config(UNetConfig, c.unet, folder / "unet" / "config.json", "U-Net"))
     vae = _on_meta(AutoencoderKL, _config(VAEConfig, c.vae, folder / "vae" / "config.json", "VAE"))
     texts = {name: TextEncoder(cfg, tokenizer=_folder_tokenizer(folder, TEXT_SLOTS[name]), init_weights=False)
@@ -351,7 +358,6 @@ def _load_folder(folder: Path, prediction_type, dtype) -> Components:
     for name, shapes in ours.items():
         _validate(weights[name].label, f"{name}/config.json", weights[name].shapes,
                   [([KeyMap(k, k) for k in shapes], shapes)], lambda k: k.endswith("position_ids"))
-    dtype = dtype or torch.float32
     _assign(unet, weights["unet"].tensors, dtype)
     _assign(vae, weights["vae"].tensors, dtype)
     for name, text in texts.items():
