@@ -5,7 +5,7 @@
 
 One training step = forward on noised latents, MSE to the noise, backward, gradient clipping to norm 1 and an
 AdamW step (lr 1e-4, weight decay 0.01). ldm's side uses AdamW(fused=True) as ldm's trainer does
-(ldm/train.py); diffusers' side uses plain torch.optim.AdamW as examples/text_to_image/train_text_to_image.py
+(ldm/train/); diffusers' side uses plain torch.optim.AdamW as examples/text_to_image/train_text_to_image.py
 does. Batches (latents, noise, timesteps, text context) are drawn from one seed, identical for both.
 Each library runs in its own subprocess; peak memory is that process's VmHWM (bench_common.peak_rss_mb; for ldm the whole model folder
 is loaded, then the VAE and text encoder are dropped; with the default model they are ~9 M parameters).

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, metavar="N")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-4 "
-                        "data.resolution=64 stage=vae (see ldm/train_config.py for every key)")
+                        "data.resolution=64 stage=vae (see ldm/train/config.py for every key)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
