@@ -16,6 +16,7 @@ from torch import nn
 
 from ldm.models.checkpointing import Checkpointed
 from ldm.models.conv import Conv2d
+from ldm.models.upsample import Upsample
 
 # Builds the attention module that follows each resnet of a stage, given the stage's channel count.
 AttentionFactory = Callable[[int], nn.Module]
@@ -113,21 +114,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
             x = F.pad(x, (0, 1, 0, 1))
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling (or to `size`, to match an odd-sized skip tensor), then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=tuple(size), mode="nearest")
         return self.conv(x)
 
 
