@@ -57,14 +57,16 @@ def child(a) -> None:
         return pipe(bc.PROMPT, num_images_per_prompt=a.batch, num_inference_steps=a.steps, guidance_scale=7.5,
                     height=a.size, width=a.size, generator=torch.Generator().manual_seed(0), output_type="np").images
 
+    t0 = time.perf_counter()
     generate()                                   # warm-up
+    first = time.perf_counter() - t0
     times = []
     for _ in range(a.repeats):
         t0 = time.perf_counter()
         generate()
         times.append((time.perf_counter() - t0) / a.batch)
     print(json.dumps({"s_per_image": bc.median(times) if times else None, "times": times,
-                      "peak_mb": bc.peak_rss_mb(), "load_peak_mb": load_peak}))
+                      "peak_mb": bc.peak_rss_mb(), "load_peak_mb": load_peak, "first_s": first}))
 
 
 def main() -> None:

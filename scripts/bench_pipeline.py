@@ -16,7 +16,8 @@ torch.cuda.max_memory_allocated. Times are per image, the median over ``--repeat
 ldm is measured with batch_invariant True (its CPU default: the U-Net runs one batch row at a time) and False,
 lean (``from_pretrained``'s default: one packed copy of each U-Net and VAE conv weight) or not (``lean=False``:
 the packed copy beside the plain weight), and with prepacking off. ``--repeats 0`` runs one generation and
-reports only the peak memory; "load MB" is the peak once the pipeline is loaded, before generating.
+reports only the peak memory; "load MB" is the peak once the pipeline is loaded, before generating; "first
+call s" is the warm-up call's time per batch (for ``ldm-compile``, the compiling).
 ``--rounds N`` runs the whole list of settings N times, alternating them, and reports the median of the rounds
 (on a shared machine a slow minute then spreads over all settings instead of spoiling one).
 
@@ -60,13 +61,16 @@ def child(a) -> None:
     prompts = [bc.PROMPT] * batch
     pipe, load = bc.load_pipeline(a.lib, a.folder, device="cuda" if cuda else "cpu",
                                batch_invariant=bool(a.batch_invariant), lean=bool(a.lean), prepack=bool(a.prepack),
-                               dtype=a.dtype, vae_dtype=a.vae_dtype, micro_batch=a.micro_batch)
+                               dtype=a.dtype, vae_dtype=a.vae_dtype, micro_batch=a.micro_batch,
+                               compile=bool(a.compile))
 
     def generate():
         return load(prompts, a.steps, size)
 
     load_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else bc.peak_rss_mb()
-    generate()                                     # warm-up: allocator, kernel selection, prepacking
+    t0 = time.perf_counter()
+    generate()                                     # warm-up: allocator, kernel selection, prepacking, compiling
+    first = time.perf_counter() - t0
     times = []
     for _ in range(a.repeats):
         if cuda:
@@ -88,7 +92,7 @@ def child(a) -> None:
         invariant = bool(np.array_equal(pipe(prompts4, seed=[0, 1, 2, 3], **run)[2],
                                         pipe(prompts4[2], seed=2, **run)[0]))
     print(json.dumps({"s_per_image": bc.median(times) if times else None, "times": times, "peak_mb": peak,
-                      "load_peak_mb": load_peak, "invariant": invariant}))
+                      "load_peak_mb": load_peak, "first_s": first, "invariant": invariant}))
 
 
 # name -> (label, child args) of every measurable setting; "openvino-*" run scripts/bench_openvino.py
@@ -105,6 +109,7 @@ SETTINGS = {
                     ["--lib", "ldm", "--batch-invariant", "0", "--lean", "0"]),
     "ldm-noprepack": ("ldm (batch_invariant=False, prepack=False)",
                       ["--lib", "ldm", "--batch-invariant", "0", "--prepack", "0", "--lean", "0"]),
+    "ldm-compile": ("ldm compile=True (fp32, torch.compile'd U-Net)", ["--lib", "ldm", "--compile", "1"]),
     "ldm-bf16": ("ldm dtype=bfloat16 (VAE fp32)", ["--lib", "ldm", "--dtype", "bfloat16"]),
     "ldm-bf16-vae": ("ldm dtype=bfloat16, vae_dtype=bfloat16",
                      ["--lib", "ldm", "--dtype", "bfloat16", "--vae-dtype", "bfloat16"]),
@@ -141,7 +146,7 @@ def combine(runs: list[dict]) -> dict:
     """The median over rounds of each child's figures (peak memory: the largest)."""
     timed = [r["s_per_image"] for r in runs if r["s_per_image"] is not None]
     return {"s_per_image": bc.median(timed) if timed else None, "peak_mb": max(r["peak_mb"] for r in runs),
-            "load_peak_mb": max(r["load_peak_mb"] for r in runs)}
+            "load_peak_mb": max(r["load_peak_mb"] for r in runs), "first_s": runs[0].get("first_s")}
 
 
 def main() -> None:
@@ -167,6 +172,7 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     p.add_argument("--vae-dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--micro-batch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--lib", default="ldm", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--batch-invariant", type=int, default=1, help=argparse.SUPPRESS)
@@ -185,9 +191,9 @@ def main() -> None:
           f"{a.repeats}, rounds {a.rounds}, {'CUDA' if torch.cuda.is_available() else 'CPU'}")
     python = a.openvino_python or openvino_python()
     print(f"# load average before: {bc.load_average()}")
-    print("| model | size | batch | setting | s/image | images/s | vs diffusers images/s | peak MB | load MB "
-          "| mean abs diff /255 vs ldm fp32 | alone = in batch | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | size | batch | setting | s/image | images/s | vs diffusers images/s | first call s | peak MB "
+          "| load MB | mean abs diff /255 vs ldm fp32 | alone = in batch | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.model:
             folder = bc.make_folder(model, (a.keep or Path(tmp)) / model, reuse=a.keep is not None)
@@ -220,8 +226,10 @@ def main() -> None:
                             and images[name].is_file():
                         diff = f"{np.abs(np.load(images[name]) - np.load(reference)).mean() * 255:.2f}"
                     invariant = {None: "-", True: "yes", False: "**no**"}[done[0].get("invariant")]
-                    print(f"| {model} | {size} | {batch} | {SETTINGS[name][0]} {timing}| {r['peak_mb']:.0f} | "
-                          f"{r['load_peak_mb']:.0f} | {diff} | {invariant} | {bc.load_average()} |", flush=True)
+                    first = "-" if r["first_s"] is None else f"{r['first_s']:.2f}"
+                    print(f"| {model} | {size} | {batch} | {SETTINGS[name][0]} {timing}| {first} | "
+                          f"{r['peak_mb']:.0f} | {r['load_peak_mb']:.0f} | {diff} | {invariant} | "
+                          f"{bc.load_average()} |", flush=True)
     print(f"# load average after: {bc.load_average()}")
 
 if __name__ == "__main__":

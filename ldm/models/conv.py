@@ -8,7 +8,8 @@ weights once, keeps them, and calls oneDNN's convolution on the converted copy (
 backend uses). Measured on fp32, 1 thread: 1.1-2.3x faster per convolution on maps of at most 1024 output
 positions (batch x height x width), slower on bigger ones, where the conversion is cheap next to the
 arithmetic: there plain nn.Conv2d keeps the call (PACK_MAX_POSITIONS). The output has the input's memory
-format, as with nn.Conv2d. With autograd, or when oneDNN is unavailable, it is plain nn.Conv2d.
+format, as with nn.Conv2d. With autograd, inside torch.compile (the compiler lowers
+plain convolutions itself), or when oneDNN is unavailable, it is plain nn.Conv2d.
 
 Memory: by default a layer keeps its packed copy beside the plain weight once it has run on a small map: up
 to 2/3 of SD 1.5's U-Net again (+2.3 GB in fp32). `pack_for_inference(module)` makes the layers of a module
@@ -175,7 +176,7 @@ class Conv2d(nn.Conv2d):
         return x.shape[0] * h * w
 
     def _fast_path_applies(self, x: torch.Tensor) -> bool:
-        if parametrize.is_parametrized(self) or self._plain_weight() is None:
+        if torch.compiler.is_compiling() or parametrize.is_parametrized(self) or self._plain_weight() is None:
             return False
         return (self.prepack and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
                 and x.dtype in PACKED_DTYPES and self._plain_weight().dtype == x.dtype

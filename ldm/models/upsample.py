@@ -20,7 +20,8 @@ The fast path runs without autograd on CPU float32/bfloat16 maps whose upsampled
 `PACK_MAX_POSITIONS` (the VAE decoder's upper levels, where these convolutions are a third of the decode's
 FLOPs); smaller maps keep upsample-then-convolve through the packed `Conv2d`, where per-call overhead, not
 arithmetic, is the cost. `Upsample.subpixel = False` turns it off. Training (autograd) always takes the plain
-path, so gradients are exactly diffusers'.
+path, so gradients are exactly diffusers', and so does a network under torch.compile (the compiler sees the
+plain ops).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class Upsample(nn.Module):
 
     def _subpixel_applies(self, x: torch.Tensor, size: Sequence[int] | None) -> bool:
         h, w = x.shape[-2:]
-        return (self.subpixel and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
+        return (self.subpixel and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and x.device.type == "cpu" and x.dim() == 4
                 and (size is None or tuple(size) == (2 * h, 2 * w)) and x.dtype in PACKED_DTYPES
                 and self.conv.weight.dtype == x.dtype and x.shape[0] * 4 * h * w > PACK_MAX_POSITIONS)
 

@@ -72,7 +72,8 @@ class Pipeline(prompting.PromptFeatures, Applications):
         by hand (an optimizer over ``pipe.unet.parameters()``)? Turn it off with ``pipe.set_lean(False)``.
         ``emphasis``: read prompts in A1111's syntax (``ldm.pipeline.prompting``); ``lora_dir``: where
         ``<lora:NAME:W>`` tags find NAME.safetensors; ``embeddings_dir``: textual-inversion files loaded now,
-        each under its file's stem."""
+        each under its file's stem. ``compile``: run the U-Net through torch.compile (the first call at each
+        batch and size compiles, tens of seconds on a CPU; what it buys: docs/benchmarks.md)."""
         self.device = resolve_device(device)
         self.dtype, self.vae_dtype = resolve_dtype(dtype, self.device), resolve_dtype(vae_dtype, self.device)
         if components is None:
@@ -93,7 +94,11 @@ class Pipeline(prompting.PromptFeatures, Applications):
         self.source = Path(source) if source is not None else None
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = self.vae.config.latent_channels
-        self._network: Callable = torch.compile(self.unet) if compile else self.unet
+        # compile: one static graph per input shape (dynamic=False), so an image's arithmetic still depends on its
+        # shape alone (batch invariance). The compiled graph reads the U-Net's weights on every call (LoRAs and
+        # set_lean stay live); the U-Net keeps its plain weights, which the compiler's convolutions read.
+        self.compiled = bool(compile)
+        self._network: Callable = torch.compile(self.unet, dynamic=False) if compile else self.unet
         self._offload: torch.device | None = None
         # Run the U-Net on groups of at most `micro_batch` images, never on a single row, so that an image's
         # floating-point arithmetic never depends on what else is in the batch (CPU kernels pick blockings by
@@ -112,7 +117,7 @@ class Pipeline(prompting.PromptFeatures, Applications):
         """Keep only the packed copy of the U-Net's and VAE's convolution weights (True), or both copies and the
         plain weights always in place (False); see ``__init__``. Returns self."""
         for module in (self.unet, self.vae):
-            (pack_for_inference if lean else unpack)(module)
+            (pack_for_inference if lean and not (self.compiled and module is self.unet) else unpack)(module)
         self.lean = lean
         return self
 

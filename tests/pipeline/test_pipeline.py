@@ -267,6 +267,21 @@ def test_compile_is_opt_in(folder):
     assert compiled._network.__class__.__name__ == "OptimizedModule" and compiled.unet is compiled._network._orig_mod
 
 
+@pytest.mark.slow
+def test_compiled_unet_draws_the_eager_image_and_reads_the_live_weights(folder):
+    run = dict(steps=2, guidance=2.0, height=32, width=32, seed=0, progress=False, output_type="np")
+    eager = Pipeline.from_pretrained(folder)
+    compiled = Pipeline.from_pretrained(folder, compile=True)
+    before = compiled(PROMPT, **run)[0]
+    np.testing.assert_allclose(before, eager(PROMPT, **run)[0], atol=2e-4)
+    for pipe in (eager, compiled):   # an in-place weight edit (what a LoRA does) reaches the compiled graph
+        with torch.no_grad():
+            pipe.unet.conv_out.bias.add_(0.5)
+    after = compiled(PROMPT, **run)[0]
+    assert np.abs(after - before).max() > 1e-2
+    np.testing.assert_allclose(after, eager(PROMPT, **run)[0], atol=2e-4)
+
+
 def test_load_lora_delegates_to_the_adapters_package(pipe, monkeypatch, tmp_path):
     import ldm.pipeline.core
 
