@@ -16,10 +16,11 @@ instead of 36: 2.25× fewer FLOPs and no 4×-sized intermediate. This is the sub
 2016 ("Real-Time Single Image and Video Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural
 Network") read backwards: a nearest upsample plus convolution *is* one, with tied weights.
 
-The fast path runs without autograd on CPU float32/bfloat16 maps whose upsampled size is above
-`PACK_MAX_POSITIONS` (the VAE decoder's upper levels, where these convolutions are a third of the decode's
-FLOPs); smaller maps keep upsample-then-convolve through the packed `Conv2d`, where per-call overhead, not
-arithmetic, is the cost. `Upsample.subpixel = False` turns it off. Training (autograd) always takes the plain
+The fast path runs without autograd on CPU float32/bfloat16 maps whose upsampled size, per image, is at least
+`SUBPIXEL_MIN_POSITIONS` (32×32; the VAE decoder's upper levels, where these convolutions are a third of the
+decode's FLOPs); smaller maps keep upsample-then-convolve through the packed `Conv2d`, where per-call overhead,
+not arithmetic, is the cost. The size is an image's, never the batch's: the two paths round differently, so a
+choice by batch size would make an image depend on its batch mates (ldm's batch invariance). `Upsample.subpixel = False` turns it off. Training (autograd) always takes the plain
 path, so gradients are exactly diffusers', and so does a network under torch.compile (the compiler sees the
 plain ops).
 """
@@ -32,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.conv import PACK_MAX_POSITIONS, PACKED_DTYPES, Conv2d
+from ldm.models.conv import PACKED_DTYPES, Conv2d
+
+SUBPIXEL_MIN_POSITIONS = 1024   # upsampled height x width of one image from which the sub-pixel path runs
 
 # F_a of the module docstring: row t holds which of the 3 kernel taps fall on input offset t - 1 + a.
 _FOLDS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
@@ -78,7 +81,7 @@ class Upsample(nn.Module):
         return (self.subpixel and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and x.device.type == "cpu" and x.dim() == 4
                 and (size is None or tuple(size) == (2 * h, 2 * w)) and x.dtype in PACKED_DTYPES
-                and self.conv.weight.dtype == x.dtype and x.shape[0] * 4 * h * w > PACK_MAX_POSITIONS)
+                and self.conv.weight.dtype == x.dtype and 4 * h * w >= SUBPIXEL_MIN_POSITIONS)
 
     def _folded(self) -> torch.Tensor:
         """The folded kernel, made once per weight (remade when the weight's storage or version changes)."""

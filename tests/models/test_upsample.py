@@ -60,6 +60,19 @@ def test_small_maps_autograd_and_odd_targets_take_the_plain_path():
     assert up.conv.weight.grad is not None
 
 
+@pytest.mark.parametrize("side", [8, 16, 24])   # 16² (plain path), 32² (the threshold), 48² upsampled
+def test_an_images_path_does_not_depend_on_its_batch(side):
+    # The sub-pixel and plain paths round differently: the choice is made per image, so row 3 of a batch of 8
+    # is bitwise row 3 of a batch of 2 (an 8-row call of 8x8 maps has 2,048 upsampled positions, 2 rows 512).
+    # Two rows, not one: the Pipeline never calls with a single row, whose kernels are other ones.
+    torch.manual_seed(3)
+    up = Upsample(16)
+    x = torch.randn(8, 16, side, side).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert up._subpixel_applies(x, None) == up._subpixel_applies(x[2:4], None) == (side >= 16)
+        assert torch.equal(up(x)[3], up(x[2:4])[1])
+
+
 def test_folded_kernel_follows_weight_updates():
     torch.manual_seed(2)
     up = Upsample(4)
