@@ -40,6 +40,18 @@ def test_an_image_is_bitwise_the_same_alone_and_in_batches_of_3_4_and_6(pipes, d
             assert np.abs(images[at] - images[at - 1]).max() > 0.01   # the batch mates are other images
 
 
+def test_the_sub_pixel_upsampler_keeps_an_image_independent_of_its_batch(pipe, monkeypatch):
+    # The tiny model's maps never reach the sub-pixel threshold; lowered, every upsampler takes that path, and the
+    # choice must still be the image's alone (it once counted the batch's rows: 8-row and 2-row calls differed).
+    import ldm.models.upsample
+
+    for threshold in (4, 8, 16, 32, 64, 128):   # some sit between a 2-row and an 8-row call's map sizes
+        monkeypatch.setattr(ldm.models.upsample, "SUBPIXEL_MIN_POSITIONS", threshold)
+        alone = pipe(TARGET, seed=11, **RUN)[0]
+        images = pipe([OTHERS[0], OTHERS[1], OTHERS[2], TARGET], seed=[100, 101, 102, 11], **RUN)
+        np.testing.assert_array_equal(images[3], alone, err_msg=f"threshold {threshold}")
+
+
 def test_calls_carry_groups_of_images_never_a_single_row(pipe, monkeypatch):
     rows = []
     network = pipe._network
