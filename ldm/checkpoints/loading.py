@@ -99,9 +99,10 @@ def _check_prediction(prediction_type):
         raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
 
 
-def _finish(components: Components, device, dtype) -> Components:
+def _finish(components: Components, device, dtype, vae_dtype) -> Components:
     for module in components.modules:
-        module.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+        wanted = vae_dtype if module is components.vae else dtype
+        module.to(device=device or "cpu", dtype=wanted or torch.float32).eval()
     return components
 
 
@@ -324,12 +325,13 @@ def _folder_configs(folder: Path, prediction_type) -> _FolderConfigs:
     return _FolderConfigs(unet, vae, texts, schedule, defaults, flags, family)
 
 
-def _folder(folder: Path, prediction_type, load_tensors_too: bool, dtype=None):
+def _folder(folder: Path, prediction_type, load_tensors_too: bool, dtype=None, vae_dtype=None):
     """(configs, per-component weights, ModelInfo) of a diffusers folder; loaded floating-point tensors in
-    ``dtype`` when given."""
+    ``dtype`` when given (the VAE's in ``vae_dtype``)."""
     c = _folder_configs(folder, prediction_type)
     names = ("unet", "vae", *c.texts)
-    weights = {name: _Weights.read(folder / name, SUBFOLDERS[name], load_tensors_too, dtype) for name in names}
+    weights = {name: _Weights.read(folder / name, SUBFOLDERS[name], load_tensors_too,
+                                   vae_dtype if name == "vae" else dtype) for name in names}
     parameters = {name: _numel(w.shapes, lambda k: not k.endswith("position_ids")) for name, w in weights.items()}
     info = _info(folder, "diffusers", c.unet, c.vae, list(c.texts.values()), c.schedule, family=c.family,
                  parameters=parameters, dtype=_common_dtype(weights["unet"].dtypes, weights["unet"].dtypes),
@@ -346,9 +348,9 @@ def _folder_tokenizer(folder: Path, name: str):
         raise CheckpointError(f"{folder / name}: unreadable tokenizer ({exc})") from None
 
 
-def _load_folder(folder: Path, prediction_type, dtype) -> Components:
+def _load_folder(folder: Path, prediction_type, dtype, vae_dtype) -> Components:
     dtype = dtype or torch.float32
-    c, weights, info = _folder(folder, prediction_type, True, dtype)
+    c, weights, info = _folder(folder, prediction_type, True, dtype, vae_dtype)
     unet = _on_meta(UNet, _config(UNetConfig, c.unet, folder / "unet" / "config.json", "U-Net"))
     vae = _on_meta(AutoencoderKL, _config(VAEConfig, c.vae, folder / "vae" / "config.json", "VAE"))
     texts = {name: TextEncoder(cfg, tokenizer=_folder_tokenizer(folder, TEXT_SLOTS[name]), init_weights=False)
@@ -359,7 +361,7 @@ def _load_folder(folder: Path, prediction_type, dtype) -> Components:
         _validate(weights[name].label, f"{name}/config.json", weights[name].shapes,
                   [([KeyMap(k, k) for k in shapes], shapes)], lambda k: k.endswith("position_ids"))
     _assign(unet, weights["unet"].tensors, dtype)
-    _assign(vae, weights["vae"].tensors, dtype)
+    _assign(vae, weights["vae"].tensors, vae_dtype)
     for name, text in texts.items():
         _assign_text(text, {k: v for k, v in weights[name].tensors.items() if not k.endswith("position_ids")}, dtype)
     encoders = list(texts.values())
@@ -368,23 +370,30 @@ def _load_folder(folder: Path, prediction_type, dtype) -> Components:
 
 
 # -- public API ---------------------------------------------------------------------------------------------
-def load(path, *, device=None, dtype=None, prediction_type=None, use_ema: bool = True) -> Components:
+def load(path, *, device=None, dtype=None, vae_dtype=None, prediction_type=None,
+         use_ema: bool = True) -> Components:
     """Load an SD single file (.safetensors / .ckpt), a diffusers pipeline folder or a folder saved by ldm.
 
-    dtype: of the loaded networks (default float32); device: where they go (default CPU).
+    dtype: of the loaded networks (default float32); vae_dtype: the VAE's (default: dtype); each tensor is read
+    straight into its component's dtype, so a model loaded in another dtype never holds a float32 copy beside
+    it (single files with a VAE dtype other than ``dtype`` are read in float32 and converted after).
+    device: where they go (default CPU).
     prediction_type: "epsilon" | "v_prediction" | "sample"; overrides the file's (single files cannot tell
     from their shapes: without this argument, a sidecar ``<name>.yaml`` with ``parameterization: "v"``, or
     ldm's own metadata, they are taken as epsilon). use_ema: use the EMA U-Net weights when the file has them.
     """
     _check_prediction(prediction_type)
     path = Path(path).expanduser()
+    vae_dtype = dtype if vae_dtype is None else vae_dtype
     if path.is_dir():
-        components = _load_folder(path, prediction_type, dtype)
+        components = _load_folder(path, prediction_type, dtype or torch.float32, vae_dtype or torch.float32)
     elif path.is_file():
-        components = _load_single_file(path, prediction_type, use_ema, dtype)
+        # one dtype for the whole file; a VAE in another one is converted from float32 (never from a rounded copy)
+        read_as = dtype if vae_dtype == dtype else None
+        components = _load_single_file(path, prediction_type, use_ema, read_as)
     else:
         raise CheckpointError(f"{path}: no such file or folder")
-    return _finish(components, device, dtype)
+    return _finish(components, device, dtype, vae_dtype)
 
 
 def describe(path, *, prediction_type=None) -> ModelInfo:

@@ -129,8 +129,10 @@ class Pipeline(prompting.PromptFeatures, Applications):
         if not path.exists():
             raise ValueError(f"model {str(path)!r} does not exist (pass an SD .safetensors/.ckpt file or a "
                              "diffusers/ldm model folder)")
-        resolve_device(device), resolve_dtype(dtype)  # fail on a bad name before loading gigabytes
-        return cls(load(path), device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path,
+        # fail on a bad name before loading gigabytes; read each network straight into its dtype
+        dev = resolve_device(device)
+        components = load(path, dtype=resolve_dtype(dtype, dev), vae_dtype=resolve_dtype(vae_dtype, dev))
+        return cls(components, device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path,
                    lean=lean, **options)
 
     # ------------------------------------------------------------------ text-to-image

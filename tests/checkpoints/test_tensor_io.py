@@ -73,3 +73,15 @@ def test_fp16_folder_loads_in_float32_and_bfloat16_like_converting_afterwards(tm
         state = components.unet.state_dict()
         for name, value in stored.items():
             assert _same(state[name], value.to(dtype)), (dtype, name)
+
+
+def test_the_vae_can_load_in_its_own_dtype_straight_from_the_files(tmp_path):
+    # Pipeline(dtype=bf16) keeps the VAE in float32: its weights come from the files, never from a bf16 copy.
+    folder = save_tiny_pipeline(tmp_path / "fp32", family="sd1", seed=4)
+    stored = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    components = load(folder, dtype=torch.bfloat16, vae_dtype=torch.float32)
+    assert {p.dtype for p in components.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in components.text_encoder.parameters()} == {torch.bfloat16}
+    state = components.vae.state_dict()
+    assert all(torch.equal(state[name], value) for name, value in stored.items())
+    assert {p.dtype for p in load(folder, dtype=torch.bfloat16).vae.parameters()} == {torch.bfloat16}
