@@ -101,8 +101,7 @@ def _check_prediction(prediction_type):
 
 def _finish(components: Components, device, dtype, vae_dtype) -> Components:
     for module in components.modules:
-        wanted = vae_dtype if module is components.vae else dtype
-        module.to(device=device or "cpu", dtype=wanted or torch.float32).eval()
+        module.to(device=device or "cpu", dtype=vae_dtype if module is components.vae else dtype).eval()
     return components
 
 
@@ -152,7 +151,6 @@ def _layout(path: Path, shapes: dict, metadata: dict, prediction_type):
 
 
 def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Components:
-    dtype = dtype or torch.float32
     tensors, shapes, dtypes, metadata = _read_single_file(path, tensors=True, dtype=dtype)
     layout, schedule = _layout(path, shapes, metadata, prediction_type)
     unet = _on_meta(UNet, _config(UNetConfig, layout.unet, path, "U-Net"))
@@ -349,7 +347,6 @@ def _folder_tokenizer(folder: Path, name: str):
 
 
 def _load_folder(folder: Path, prediction_type, dtype, vae_dtype) -> Components:
-    dtype = dtype or torch.float32
     c, weights, info = _folder(folder, prediction_type, True, dtype, vae_dtype)
     unet = _on_meta(UNet, _config(UNetConfig, c.unet, folder / "unet" / "config.json", "U-Net"))
     vae = _on_meta(AutoencoderKL, _config(VAEConfig, c.vae, folder / "vae" / "config.json", "VAE"))
@@ -384,12 +381,13 @@ def load(path, *, device=None, dtype=None, vae_dtype=None, prediction_type=None,
     """
     _check_prediction(prediction_type)
     path = Path(path).expanduser()
-    vae_dtype = dtype if vae_dtype is None else vae_dtype
+    dtype = dtype or torch.float32
+    vae_dtype = vae_dtype or dtype
     if path.is_dir():
-        components = _load_folder(path, prediction_type, dtype or torch.float32, vae_dtype or torch.float32)
+        components = _load_folder(path, prediction_type, dtype, vae_dtype)
     elif path.is_file():
         # one dtype for the whole file; a VAE in another one is converted from float32 (never from a rounded copy)
-        read_as = dtype if vae_dtype == dtype else None
+        read_as = dtype if vae_dtype == dtype else torch.float32
         components = _load_single_file(path, prediction_type, use_ema, read_as)
     else:
         raise CheckpointError(f"{path}: no such file or folder")

@@ -20,9 +20,9 @@ The fast path runs without autograd on CPU float32/bfloat16 maps whose upsampled
 `SUBPIXEL_MIN_POSITIONS` (32×32; the VAE decoder's upper levels, where these convolutions are a third of the
 decode's FLOPs); smaller maps keep upsample-then-convolve through the packed `Conv2d`, where per-call overhead,
 not arithmetic, is the cost. The size is an image's, never the batch's: the two paths round differently, so a
-choice by batch size would make an image depend on its batch mates (ldm's batch invariance). `Upsample.subpixel = False` turns it off. Training (autograd) always takes the plain
-path, so gradients are exactly diffusers', and so does a network under torch.compile (the compiler sees the
-plain ops).
+choice by batch size would make an image depend on its batch mates (ldm's batch invariance).
+`Upsample.subpixel = False` turns it off. Training (autograd) always takes the plain path, so gradients are
+exactly diffusers', and so does a network under torch.compile (the compiler sees the plain ops).
 """
 
 from __future__ import annotations
