@@ -150,8 +150,10 @@ def _layout(path: Path, shapes: dict, metadata: dict, prediction_type):
     return layout, _schedule(layout.schedule, None, path)
 
 
-def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Components:
-    tensors, shapes, dtypes, metadata = _read_single_file(path, tensors=True, dtype=dtype)
+def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype, vae_dtype) -> Components:
+    # Each tensor is read straight into its network's dtype: the VAE's keys into vae_dtype, the rest into dtype.
+    read_as = dtype if vae_dtype == dtype else (lambda key: vae_dtype if key.startswith(VAE_PREFIX) else dtype)
+    tensors, shapes, dtypes, metadata = _read_single_file(path, tensors=True, dtype=read_as)
     layout, schedule = _layout(path, shapes, metadata, prediction_type)
     unet = _on_meta(UNet, _config(UNetConfig, layout.unet, path, "U-Net"))
     vae = _on_meta(AutoencoderKL, _config(VAEConfig, layout.vae, path, "VAE"))
@@ -164,13 +166,13 @@ def _load_single_file(path: Path, prediction_type, use_ema: bool, dtype) -> Comp
     ours = [_module_shapes(unet), _module_shapes(vae), *(_module_shapes(w) for w in text_weights)]
     _validate(path, f"{FAMILY_NAMES[layout.family].split(' (')[0]} model its tensors describe", shapes,
               list(zip(maps, ours)), lambda k: _ignorable_sd_key(k, ema_used))
-    # The tensors arrive in ``dtype`` (converted one by one as read); one component at a time, dropping the
-    # file's tensors once taken.
+    # The tensors arrive in their network's dtype (converted one by one as read); one component at a time,
+    # dropping the file's tensors once taken.
     for i, module in enumerate([unet, vae, *texts]):
         state = gather(maps[i], tensors)
         for m in maps[i]:
             tensors.pop(m.theirs, None)
-        (_assign_text if i >= 2 else _assign)(module, state, dtype)
+        (_assign_text if i >= 2 else _assign)(module, state, vae_dtype if module is vae else dtype)
         del state
     info = _single_file_info(path, layout, schedule, shapes, dtypes)
     return Components(unet, vae, texts[0], schedule, info, layout.defaults,
@@ -373,7 +375,7 @@ def load(path, *, device=None, dtype=None, vae_dtype=None, prediction_type=None,
 
     dtype: of the loaded networks (default float32); vae_dtype: the VAE's (default: dtype); each tensor is read
     straight into its component's dtype, so a model loaded in another dtype never holds a float32 copy beside
-    it (single files with a VAE dtype other than ``dtype`` are read in float32 and converted after).
+    it (the VAE's float32 weights, when vae_dtype is float32, come from the file, not from a rounded copy).
     device: where they go (default CPU).
     prediction_type: "epsilon" | "v_prediction" | "sample"; overrides the file's (single files cannot tell
     from their shapes: without this argument, a sidecar ``<name>.yaml`` with ``parameterization: "v"``, or
@@ -386,9 +388,7 @@ def load(path, *, device=None, dtype=None, vae_dtype=None, prediction_type=None,
     if path.is_dir():
         components = _load_folder(path, prediction_type, dtype, vae_dtype)
     elif path.is_file():
-        # one dtype for the whole file; a VAE in another one is converted from float32 (never from a rounded copy)
-        read_as = dtype if vae_dtype == dtype else torch.float32
-        components = _load_single_file(path, prediction_type, use_ema, read_as)
+        components = _load_single_file(path, prediction_type, use_ema, dtype, vae_dtype)
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     return _finish(components, device, dtype, vae_dtype)

@@ -10,6 +10,7 @@ import pickle
 import re
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
                  "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
 _READ_CHUNK = 1 << 30                            # Linux returns at most ~2 GiB from one read()
+# the dtype tensors are read into: one for all, a function of the tensor's name, or None (as stored)
+DtypeChoice = torch.dtype | Callable[[str], torch.dtype | None] | None
 _HEADER_LIMIT = 100_000_000                      # the safetensors library's own cap on header size
 
 
@@ -86,9 +89,10 @@ def read_safetensors_header(path: Path) -> TensorHeader:
     return TensorHeader(shapes, dtypes, metadata, offsets, 8 + length)
 
 
-def load_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path, dtype: DtypeChoice = None) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, read one at a time with plain reads (no memory map), each
-    floating-point one converted to ``dtype`` (when given) as it arrives.
+    floating-point one converted to ``dtype`` (when given: one dtype, or a function of the tensor's name) as it
+    arrives.
 
     The peak is the result plus one tensor. A memory-mapped load (``safetensors.torch.load_file``) keeps the
     file's pages resident beside the tensors copied out of them until it returns, and converting afterwards
@@ -110,9 +114,7 @@ def load_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
                 raise CheckpointError(f"{path}: tensor {name!r} has dtype {header.dtypes[name]}, "
                                       f"which torch cannot hold")
             tensor = raw.view(_TORCH_DTYPES[header.dtypes[name]]).reshape(header.shapes[name])
-            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
-            out[name] = tensor
+            out[name] = _cast(tensor, dtype_for(dtype, name))
     return out
 
 
@@ -160,25 +162,37 @@ def read_safetensors(path, what: str = "safetensors file") -> tuple[dict[str, to
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
-def cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The floating-point tensors in ``dtype`` (all unchanged when it is None); integer ones as they are."""
+def dtype_for(dtype: DtypeChoice, name: str) -> torch.dtype | None:
+    """The dtype tensor ``name`` is wanted in under ``dtype`` (a dtype, a function of the name, or None: as stored)."""
+    return dtype(name) if callable(dtype) else dtype
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def cast_floating(tensors: dict[str, torch.Tensor], dtype: DtypeChoice) -> dict[str, torch.Tensor]:
+    """The floating-point tensors in ``dtype`` (see ``dtype_for``; all unchanged when it is None); integer ones
+    as they are."""
     if dtype is None:
         return tensors
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return {k: _cast(v, dtype_for(dtype, k)) for k, v in tensors.items()}
 
 
-def load_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, dtype: DtypeChoice = None) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors or pickle-format file, on the CPU; floating-point ones in ``dtype`` when
-    given. A safetensors file already in ``dtype`` is memory-mapped (a float32 SD 1.5 folder: 0.8 GB resident
+    given (one dtype, or a function of the tensor's name: an SD single file's VAE in float32 beside a bf16
+    U-Net). A safetensors file already in the dtypes wanted is memory-mapped (a float32 SD 1.5 folder: 0.8 GB resident
     after loading, 3.8 s); one to convert is read and converted tensor by tensor (load_safetensors: loading
     that folder in bfloat16 peaked at 2.9 GB instead of 7.1)."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
 
         header = read_safetensors_header(path)
-        stored = {_TORCH_DTYPES.get(name) for name in header.dtypes.values()}
+        stored = {k: _TORCH_DTYPES.get(v) for k, v in header.dtypes.items()}
         try:
-            if dtype is None or all(d is None or not d.is_floating_point or d == dtype for d in stored):
+            if dtype is None or all(d is None or not d.is_floating_point or dtype_for(dtype, k) in (None, d)
+                                    for k, d in stored.items()):
                 # Nothing to convert: the library's memory map, whose pages are read only when first used.
                 from safetensors.torch import load_file
                 return load_file(str(path))

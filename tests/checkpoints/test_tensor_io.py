@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.checkpoints import CheckpointError, load
+from ldm.checkpoints import CheckpointError, load, save_single_file
 from ldm.checkpoints.tensor_io import load_safetensors, load_tensors
 from tiny_models import save_tiny_pipeline
 
@@ -50,6 +50,15 @@ def test_dtype_converts_floating_point_tensors_only(tmp_path):
         assert _same(ours[name], expected), name
 
 
+def test_dtype_can_depend_on_the_tensor_name(tmp_path):
+    path = tmp_path / "two.safetensors"
+    save_file({"vae.w": torch.randn(3), "unet.w": torch.randn(3), "ids": torch.arange(3)}, str(path))
+    ours = load_tensors(path, lambda name: torch.float32 if name.startswith("vae.") else torch.bfloat16)
+    assert (ours["vae.w"].dtype, ours["unet.w"].dtype, ours["ids"].dtype) == \
+        (torch.float32, torch.bfloat16, torch.int64)
+    assert torch.equal(ours["vae.w"], load_file(str(path))["vae.w"])
+
+
 def test_a_file_cut_after_its_header_was_read_names_the_tensor(tmp_path, monkeypatch):
     """The header's size check catches a file truncated before loading; this is a file that shrinks while
     it is read (a network share, a file still being copied)."""
@@ -85,3 +94,18 @@ def test_the_vae_can_load_in_its_own_dtype_straight_from_the_files(tmp_path):
     state = components.vae.state_dict()
     assert all(torch.equal(state[name], value) for name, value in stored.items())
     assert {p.dtype for p in load(folder, dtype=torch.bfloat16).vae.parameters()} == {torch.bfloat16}
+
+
+def test_a_single_file_reads_its_vae_in_float32_beside_a_bf16_unet(tmp_path):
+    folder = save_tiny_pipeline(tmp_path / "fp32", family="sd1", seed=5)
+    path = tmp_path / "model.safetensors"
+    save_single_file(load(folder), path)
+    stored = load_file(str(path))
+    components = load(path, dtype=torch.bfloat16, vae_dtype=torch.float32)
+    assert {p.dtype for p in components.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in components.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in components.vae.parameters()} == {torch.float32}
+    # the VAE's weights are the file's float32 ones (the folder's), not a bfloat16 copy widened again
+    vae_in_folder = load(folder).vae.state_dict()
+    assert all(torch.equal(components.vae.state_dict()[k], v) for k, v in vae_in_folder.items())
+    assert any(k.startswith("first_stage_model.") for k in stored)
