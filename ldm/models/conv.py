@@ -91,6 +91,7 @@ class Conv2d(nn.Conv2d):
 
     prepack = True
     channels_last = True
+    pack_max_positions: int | None = None    # this layer's own limit (a benchmark's switch); None: PACK_MAX_POSITIONS
 
     def __getstate__(self):
         # The packed copy is an opaque oneDNN tensor that cannot be copied or pickled; it is remade on use. A
@@ -181,7 +182,9 @@ class Conv2d(nn.Conv2d):
         return (self.prepack and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
                 and x.dtype in PACKED_DTYPES and self._plain_weight().dtype == x.dtype
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
-                and self._output_positions(x) <= PACK_MAX_POSITIONS and torch.backends.mkldnn.is_available())
+                and self._output_positions(x) <= (self.pack_max_positions if self.pack_max_positions is not None
+                                                  else PACK_MAX_POSITIONS)
+                and torch.backends.mkldnn.is_available())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_path_applies(x):

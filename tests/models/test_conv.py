@@ -315,3 +315,21 @@ def test_inference_layout_is_channels_last_only_for_cpu_inference():
         finally:
             Conv2d.channels_last = True
     assert inference_layout(x) is x                                 # autograd: the layout training always had
+
+
+def test_a_layer_can_set_its_own_packing_limit():
+    # scripts/bench_conv.py times one layer both ways on the same map; the module's limit is left alone.
+    from ldm.models import conv as conv_module
+
+    layer = Conv2d(8, 8, 3, padding=1).eval()
+    x = torch.randn(1, 8, 40, 40)                       # 1,600 positions, above PACK_MAX_POSITIONS
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=1)
+        layer(x)
+        assert layer.__dict__.get("_packed") is None    # the module's limit: plain nn.Conv2d
+        layer.pack_max_positions = 10**6
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        assert layer.__dict__.get("_packed") is not None
+        other = Conv2d(8, 8, 3, padding=1).eval()
+        other(x)
+        assert other.__dict__.get("_packed") is None and conv_module.PACK_MAX_POSITIONS == 1024
