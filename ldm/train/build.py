@@ -103,7 +103,7 @@ def model_info(unet: UNet, vae: AutoencoderKL, text: TextEncoder, schedule: Sche
 
 
 def build_components(cfg: TrainConfig) -> Components:
-    """Stage "unet": the model to train (``init``: loaded; else built from ``model.*`` with ``vae_from``)."""
+    """The model to train (``init``: loaded; else, stage "unet", built from ``model.*`` with ``vae_from``)."""
     if cfg.init is not None:
         path = model_path(cfg.init)
         if not path.exists():

@@ -115,6 +115,8 @@ class TrainConfig:
     ema_decay: float = 0.0               # 0 = no EMA
     ema_warmup: bool = True              # decay ramps as (1 + n) / (10 + n) up to ema_decay
     train_text_encoder: bool = True
+    train_vae_encoder: bool = True       # stage "vae": false fine-tunes the decoder only (needs init=MODEL): the
+                                         # latents, their scale and so the model's U-Net stay valid
     prediction_type: str | None = None   # "epsilon" | "v_prediction"; None: the init model's, else epsilon
     snr_gamma: float | None = None       # min-SNR-γ loss weighting (Hang et al. 2023); None = off
     offset_noise: float = 0.0            # Guttenberg 2023; 0.05-0.1 typical
@@ -158,6 +160,8 @@ class TrainConfig:
             raise ConfigError("lora.rank > 0 needs init=MODEL: a LoRA adapts an existing model")
         if self.stage == "vae" and self.lora.rank:
             raise ConfigError("stage=vae does not support LoRA")
+        if self.stage == "vae" and not self.train_vae_encoder and self.init is None:
+            raise ConfigError("train_vae_encoder=false fine-tunes a trained VAE's decoder: it needs init=MODEL")
         return self
 
     @property

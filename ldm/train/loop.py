@@ -10,7 +10,8 @@ randomness depend only on (seed, step) (see ``ldm.data.DataOrder``): the same ru
 the same mean loss, and ``--resume`` needs only the step (plus the saved weights and optimiser state) to
 continue exactly where a checkpoint left off.
 
-Outputs in OUTPUT: ``model/`` (a folder ``Pipeline.from_pretrained`` loads; stage "vae": ``model/vae/``),
+Outputs in OUTPUT: ``model/`` (a folder ``Pipeline.from_pretrained`` loads; stage "vae": ``model/vae/``, and with
+``init=MODEL`` the whole model beside it, its VAE replaced),
 ``lora.safetensors`` with ``--lora``, ``checkpoints/step-N/``, ``log.csv``, ``samples/`` and ``config.yaml``.
 """
 
@@ -137,9 +138,11 @@ class Trainer:
     def _build_stage(self):
         cfg = self.cfg
         if cfg.stage == "vae":
-            vae = AutoencoderKL(vae_config(cfg))
+            # from scratch, or the VAE of init=MODEL (whose other networks are written back beside it at the end)
+            components = build_components(cfg) if cfg.init is not None else None
+            vae = components.vae if components is not None else AutoencoderKL(vae_config(cfg))
             self._make_data(multiple=vae.config.downscale, vae=None)
-            return VAEStage(cfg, vae)
+            return VAEStage(cfg, vae, components)
         components = build_components(cfg)
         self._make_data(multiple=components.vae.config.downscale, vae=components.vae)
         return UNetStage(cfg, components)

@@ -2,7 +2,10 @@
 
 * ``VAEStage``: AutoencoderKL from scratch on pixels. Loss = L1 + L2 reconstruction of a sample
   z ~ q(z | x) plus a small KL(q(z | x) || N(0, I)) (Rombach et al. 2022, §3; no perceptual or adversarial
-  term, so nothing is downloaded). The latent scale is measured at the end (``train_setup.latent_scale``).
+  term, so nothing is downloaded). The latent scale is measured at the end (``build.latent_scale``). With
+  ``train_vae_encoder=false`` only the decoder of init's VAE trains, on the frozen encoder's latents, as
+  Stability's ft-EMA/ft-MSE decoders were made for SD 1.x: the latents and their scale stay those the
+  model's U-Net learned, so the fine-tuned decoder drops in.
 * ``UNetStage``: the denoising U-Net (and the text encoder, or LoRA adapters on either) on VAE latents, the
   VAE frozen. Loss = ldm.losses.diffusion_loss on an ε or v target at a uniformly drawn timestep. An SDXL U-Net
   also takes what the pipeline gives it (``ldm.pipeline.conditioning``): both encoders' context, bigG's pooled
@@ -51,15 +54,17 @@ CONTEXT_CACHE = 20_000   # captions whose frozen-text-encoder context is kept in
 
 
 class Reconstruction(nn.Module):
-    """x, n -> (decode(mean + std·n), KL per image): the VAE's training forward, one module for DDP."""
+    """x, n -> (decode(mean + std·n), KL per image): the VAE's training forward, one module for DDP. With
+    ``train_encoder=False`` the encoder runs frozen (no graph kept; its KL is then a constant)."""
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, vae: nn.Module, train_encoder: bool = True):
         super().__init__()
-        self.vae = vae
+        self.vae, self.train_encoder = vae, train_encoder
         self._reconstruct = self.reconstruct
 
     def reconstruct(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(x)
+        with contextlib.nullcontext() if self.train_encoder else torch.no_grad():
+            posterior = self.vae.encode(x)
         z = posterior.mean + posterior.std * noise
         return self.vae.decode(z, dtype=torch.float32), posterior.kl()
 
@@ -74,9 +79,14 @@ class Reconstruction(nn.Module):
 class VAEStage:
     name = "vae"
 
-    def __init__(self, cfg: TrainConfig, vae: nn.Module):
-        self.cfg, self.vae = cfg, vae.train()
-        self.module = Reconstruction(vae)
+    def __init__(self, cfg: TrainConfig, vae: nn.Module, components: Components | None = None):
+        """``components``: the init model the VAE comes from (written back around it by ``finish``)."""
+        self.cfg, self.vae, self.components = cfg, vae.train(), components
+        if not cfg.train_vae_encoder:
+            for part in (vae.encoder, vae.quant_conv):
+                if part is not None:
+                    part.eval().requires_grad_(False)
+        self.module = Reconstruction(vae, cfg.train_vae_encoder)
         self.lora = False
 
     def param_groups(self) -> list[dict]:
@@ -111,12 +121,18 @@ class VAEStage:
         module.vae.load_state_dict(state, strict=True)
 
     def finish(self, module: Reconstruction, dataset, out: Path) -> Path:
-        """Measure the latent scale on up to 256 training images and write ``out/model/vae``."""
-        n = min(256, len(dataset))
-        x = torch.stack([dataset[(i, 0)]["pixels"] for i in range(n)])
+        """Write ``out/model/vae`` (the latent scale measured on up to 256 training images, unless the encoder
+        was frozen: then the latents are the ones the scale was measured on) and, when the VAE came from an init
+        model, that model around it in ``out/model``."""
         vae = module.vae.eval()
-        vae.config.scaling_factor = latent_scale(vae, x.to(next(vae.parameters()).device))
-        return write_vae(vae, out / "model")
+        if self.cfg.train_vae_encoder:
+            n = min(256, len(dataset))
+            x = torch.stack([dataset[(i, 0)]["pixels"] for i in range(n)])
+            vae.config.scaling_factor = latent_scale(vae, x.to(next(vae.parameters()).device))
+        if self.components is None:
+            return write_vae(vae, out / "model")
+        self.components.vae = vae
+        return write_model(self.components, self.cfg, out / "model")
 
 
 class DiffusionModel(nn.Module):

@@ -71,6 +71,30 @@ def test_vae_stage_learns_and_measures_its_latent_scale(shapes, tmp_path):
     assert vae.config.scaling_factor != 0.18215 and (run / "samples" / "step-00000060.png").is_file()
 
 
+def test_decoder_only_vae_fine_tune_keeps_the_latents_and_the_model_around_it(shapes, tmp_path):
+    from ldm.checkpoints import load
+    from ldm.train.config import ConfigError
+
+    data, vae = shapes
+    _train(unet_overrides(data, vae, tmp_path / "model", max_steps=2))
+    init = load(tmp_path / "model" / "model")
+    run = tmp_path / "decoder"
+    common = ["stage=vae", f"data.path={data}", f"output={run}", "data.resolution=16", "batch_size=4",
+              "log_every=5", "progress=false", "validation.every=1000", "train_vae_encoder=false"]
+    with pytest.raises(ConfigError, match="train_vae_encoder=false.*init=MODEL"):
+        load_config(None, common + ["max_steps=1"])
+    _train(common + [f"init={tmp_path / 'model' / 'model'}", "max_steps=60", "lr=3e-3"])
+    losses = _losses(run)
+    assert losses[-1] < 0.7 * losses[0], losses
+    tuned = load(run / "model")                                     # the whole model, its VAE replaced
+    before, after = init.vae.state_dict(), tuned.vae.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert tuned.vae.config.scaling_factor == init.vae.config.scaling_factor
+    assert all(torch.equal(v, tuned.unet.state_dict()[k]) for k, v in init.unet.state_dict().items())
+
+
 def test_resume_is_exact(shapes, tmp_path):
     data, vae = shapes
     extra = dict(max_steps=6, checkpoint_every=3, ema_decay=0.9, prediction_type="v_prediction", snr_gamma=5.0,
