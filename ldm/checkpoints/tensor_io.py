@@ -114,7 +114,7 @@ def load_safetensors(path: Path, dtype: DtypeChoice = None) -> dict[str, torch.T
                 raise CheckpointError(f"{path}: tensor {name!r} has dtype {header.dtypes[name]}, "
                                       f"which torch cannot hold")
             tensor = raw.view(_TORCH_DTYPES[header.dtypes[name]]).reshape(header.shapes[name])
-            out[name] = _cast(tensor, dtype_for(dtype, name))
+            out[name] = _cast(tensor, _dtype_for(dtype, name))
     return out
 
 
@@ -162,7 +162,7 @@ def read_safetensors(path, what: str = "safetensors file") -> tuple[dict[str, to
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
-def dtype_for(dtype: DtypeChoice, name: str) -> torch.dtype | None:
+def _dtype_for(dtype: DtypeChoice, name: str) -> torch.dtype | None:
     """The dtype tensor ``name`` is wanted in under ``dtype`` (a dtype, a function of the name, or None: as stored)."""
     return dtype(name) if callable(dtype) else dtype
 
@@ -172,11 +172,11 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def cast_floating(tensors: dict[str, torch.Tensor], dtype: DtypeChoice) -> dict[str, torch.Tensor]:
-    """The floating-point tensors in ``dtype`` (see ``dtype_for``; all unchanged when it is None); integer ones
+    """The floating-point tensors in ``dtype`` (see ``_dtype_for``; all unchanged when it is None); integer ones
     as they are."""
     if dtype is None:
         return tensors
-    return {k: _cast(v, dtype_for(dtype, k)) for k, v in tensors.items()}
+    return {k: _cast(v, _dtype_for(dtype, k)) for k, v in tensors.items()}
 
 
 def load_tensors(path: Path, dtype: DtypeChoice = None) -> dict[str, torch.Tensor]:
@@ -191,7 +191,7 @@ def load_tensors(path: Path, dtype: DtypeChoice = None) -> dict[str, torch.Tenso
         header = read_safetensors_header(path)
         stored = {k: _TORCH_DTYPES.get(v) for k, v in header.dtypes.items()}
         try:
-            if dtype is None or all(d is None or not d.is_floating_point or dtype_for(dtype, k) in (None, d)
+            if dtype is None or all(d is None or not d.is_floating_point or _dtype_for(dtype, k) in (None, d)
                                     for k, d in stored.items()):
                 # Nothing to convert: the library's memory map, whose pages are read only when first used.
                 from safetensors.torch import load_file

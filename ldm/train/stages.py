@@ -83,9 +83,11 @@ class VAEStage:
         """``components``: the init model the VAE comes from (written back around it by ``finish``)."""
         self.cfg, self.vae, self.components = cfg, vae.train(), components
         if not cfg.train_vae_encoder:
+            # Frozen by its parameters alone: the trainer's module.train() calls would undo an eval() here, and the
+            # VAE has no layer (dropout, batch norm) whose train and eval modes differ.
             for part in (vae.encoder, vae.quant_conv):
                 if part is not None:
-                    part.eval().requires_grad_(False)
+                    part.requires_grad_(False)
         self.module = Reconstruction(vae, cfg.train_vae_encoder)
         self.lora = False
 
