@@ -101,4 +101,10 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ldm.checkpoints import CheckpointError
+    from ldm.train.config import ConfigError
+
+    try:
+        main()
+    except (CheckpointError, ConfigError, D.DataError) as exc:     # a bad --data or --model: one line, no trace
+        raise SystemExit(f"probe_vae_colour.py: {exc}") from None
