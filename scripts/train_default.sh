@@ -59,5 +59,18 @@ phase phase5 phase4 seed=6 max_steps=5000 lr=2e-4 text_encoder_lr=1e-4 lr_warmup
 phase phase6 phase5 seed=7 max_steps=5000 lr=2e-4 text_encoder_lr=1e-4 lr_warmup_steps=100 lr_min_ratio=0.05 "${EXTRA[@]}"
 # Phase 7: the same cycle once more (seed 8); +6 points of top-1 (docs/default-model-runs.md, run 9).
 phase phase7 phase6 seed=8 max_steps=5000 lr=2e-4 text_encoder_lr=1e-4 lr_warmup_steps=100 lr_min_ratio=0.05 "${EXTRA[@]}"
+# Phase 8, colour: the VAE as trained above drops green-magenta (docs/default-model-runs.md, run 10: green
+# turtles come back brown). Fine-tune phase 7's VAE with the chroma term (600 steps), then the U-Net and text
+# encoder on the new latents (3,000 steps; fresh latent cache). Run 11 ran the VAE step from phase 7's fp16 export.
+if [ ! -f "$OUT/colour_vae/model/model_index.json" ]; then
+  python -m ldm.train --config configs/default.yaml --data "$DATA" --output "$OUT/colour_vae" --resume stage=vae \
+    init="$OUT/phase7/model" vae_loss.chroma_weight=8 lr=5e-4 lr_warmup_steps=50 max_steps=600 validation.every=600 \
+    "${EXTRA[@]}"
+fi
+if [ ! -f "$OUT/colour/model/model_index.json" ]; then
+  python -m ldm.train --config configs/default.yaml --data "$DATA" --output "$OUT/colour" --resume stage=unet \
+    init="$OUT/colour_vae/model" 'data.repeats={"kind=single": 5}' seed=10 max_steps=3000 lr=2e-4 \
+    text_encoder_lr=1e-4 lr_warmup_steps=100 lr_min_ratio=0.05 "${EXTRA[@]}"
+fi
 python scripts/export_default.py "$OUT/phase7/model" "$OUT/default" --overwrite
 echo "default model: $OUT/default ($((SECONDS / 60)) min)"

@@ -62,6 +62,7 @@ class VAELossConfig:
     l1_weight: float = 1.0               # |x - x̂|: sharp edges without a perceptual net
     l2_weight: float = 1.0
     kl_weight: float = 1e-6              # KL(q(z|x) || N(0, I)), kept small as in Rombach et al. 2022
+    chroma_weight: float = 0.0           # L1 + L2 of the error's colour part, its grey part removed (docs/training.md)
 
 
 @dataclass

@@ -53,6 +53,14 @@ def grid(images: list, columns: int):
 CONTEXT_CACHE = 20_000   # captions whose frozen-text-encoder context is kept in memory
 
 
+def chroma_distance(err: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB error -> (B, H, W) length of its colour part: the error less its grey (R = G = B) part.
+    A small VAE trained on L1 + L2 alone learns the weakest colour axis last or never (docs/training.md,
+    "The VAE"); charging this term again gives colour errors more weight than grey ones."""
+    chroma = err - err.mean(dim=1, keepdim=True)
+    return (chroma.pow(2).sum(dim=1) + 1e-12).sqrt()     # the epsilon keeps the gradient finite at 0
+
+
 class Reconstruction(nn.Module):
     """x, n -> (decode(mean + std·n), KL per image): the VAE's training forward, one module for DDP. With
     ``train_encoder=False`` the encoder runs frozen (no graph kept; its KL is then a constant)."""
@@ -105,6 +113,9 @@ class VAEStage:
         # Means over pixels; the KL sum per image is divided by the same pixel count, so kl_weight keeps the
         # meaning it has in the LDM code, where both terms are sums.
         rec_loss = w.l1_weight * err.abs().mean() + w.l2_weight * err.pow(2).mean()
+        if w.chroma_weight:
+            d = chroma_distance(err)
+            rec_loss = rec_loss + w.chroma_weight * (w.l1_weight * d.mean() + w.l2_weight * d.pow(2).mean())
         return rec_loss + w.kl_weight * kl.mean() / x[0].numel()
 
     @torch.no_grad()
