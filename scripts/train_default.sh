@@ -9,7 +9,8 @@
 # default /work/data/emoji), SKIP_PREPARE=1 (use DATA as it is).
 # Results: OUT/vae/model/vae (the VAE), OUT/unet/model (phase 1), OUT/refine/model (phase 2),
 # OUT/polish/model (phase 3), OUT/phase4/model (phase 4),
-# OUT/phase5/model, OUT/phase6/model, OUT/phase7/model (phase 7: the model; loads with Pipeline.from_pretrained),
+# OUT/phase5/model, OUT/phase6/model, OUT/phase7/model, OUT/colour_vae/model, OUT/colour/model (phase 8: the
+# model; loads with Pipeline.from_pretrained),
 # OUT/default (the same model packaged for shipping by scripts/export_default.py: fp16, no tokenizer copy (the package's bundled one is used);
 # copy it to ldm/assets/default to make it ldm's default).
 set -euo pipefail
@@ -72,5 +73,5 @@ if [ ! -f "$OUT/colour/model/model_index.json" ]; then
     init="$OUT/colour_vae/model" 'data.repeats={"kind=single": 5}' seed=10 max_steps=3000 lr=2e-4 \
     text_encoder_lr=1e-4 lr_warmup_steps=100 lr_min_ratio=0.05 "${EXTRA[@]}"
 fi
-python scripts/export_default.py "$OUT/phase7/model" "$OUT/default" --overwrite
+python scripts/export_default.py "$OUT/colour/model" "$OUT/default" --overwrite
 echo "default model: $OUT/default ($((SECONDS / 60)) min)"
