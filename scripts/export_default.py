@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run as a script from a checkout
+
 PROBES = ["a turtle playing basketball", "red apple", "an emoji of a rocket", "pizza, google style",
           "a cat face and a basketball", "", "ünïcödé and numbers 123 😀"]
 
