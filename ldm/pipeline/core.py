@@ -30,7 +30,7 @@ from ldm.devices import dtype_name, resolve_device, resolve_dtype
 from ldm.guidance import classifier_free, conditioned
 from ldm.models.conv import pack_for_inference, unpack
 from ldm.pipeline import images as img
-from ldm.pipeline import prompting
+from ldm.pipeline import prompting, vae_swap
 from ldm.pipeline.applications import Applications
 from ldm.pipeline.conditioning import SizeConditioning, TextConditioner
 from ldm.pipeline.memory import check_memory
@@ -55,7 +55,7 @@ class DefaultModelMissing(FileNotFoundError):
     """The shipped default model is not installed in this copy of ldm."""
 
 
-class Pipeline(prompting.PromptFeatures, Applications):
+class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
     """Text-to-image (``__call__``) plus img2img / inpaint / denoise / anomaly / upscale (``Applications``)."""
 
     def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=torch.float32, compile=False,
@@ -341,7 +341,7 @@ class Pipeline(prompting.PromptFeatures, Applications):
             prompt=req.prompts[i], negative_prompt=req.negatives[i], seed=req.seeds[i], steps=req.steps,
             sampler=req.sampler, guidance=req.guidance, width=req.width, height=req.height, spacing=req.spacing,
             eta=req.eta, guidance_rescale=req.guidance_rescale, clip_skip=req.clip_skip,
-            model=self.model_name, model_hash=self.model_hash,
+            model=self.model_name, model_hash=self.model_hash, **vae_swap.vae_metadata(self),
             dtype=dtype_name(self.dtype), extra={k: v for k, v in extra.items() if v is not None})
 
     @property

@@ -66,6 +66,8 @@ class GenerationInfo:
     clip_skip: int | None = None
     model: str | None = None  # the model's name (file stem or folder name, never a path), informative only
     model_hash: str | None = None  # weights_hash() of the model
+    vae: str | None = None  # a VAE swapped in (Pipeline.load_vae): its file or folder name, as A1111's "VAE"
+    vae_hash: str | None = None  # weights_hash() of that VAE (A1111's "VAE hash")
     dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # mode-specific facts (strength, ...) and foreign keys
 
@@ -94,6 +96,10 @@ class GenerationInfo:
             pairs.append(("Model hash", self.model_hash))
         if self.model:
             pairs.append(("Model", Path(self.model).name or self.model))  # a name; never a folder path
+        if self.vae_hash:
+            pairs.append(("VAE hash", self.vae_hash))
+        if self.vae:
+            pairs.append(("VAE", Path(self.vae).name or self.vae))
         if self.clip_skip:
             pairs.append(("Clip skip", self.clip_skip))
         if self.eta:
@@ -161,6 +167,7 @@ def info_from_parameters(text: str) -> GenerationInfo:
             eta=float(p.pop("Eta", 0.0)), guidance_rescale=float(p.pop("CFG Rescale", 0.0)),
             clip_skip=int(p.pop("Clip skip")) if "Clip skip" in p else None,
             model_hash=p.pop("Model hash", None), model=p.pop("Model", None),
+            vae_hash=p.pop("VAE hash", None), vae=p.pop("VAE", None),
         )
     except KeyError as e:
         raise ValueError(f"infotext lacks the {e.args[0]!r} field") from None

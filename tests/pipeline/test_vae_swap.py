@@ -1,0 +1,195 @@
+"""Pipeline.load_vae: a second AutoencoderKL (diffusers folder, SD single file with or without first_stage_model.)
+and TAESD draw what diffusers draws with ``pipe.vae`` swapped; img2img encodes through TAESD; the PNG names the
+VAE as A1111 does; ``ldm generate --vae``; previews; wrong files are one clear error and keep the old VAE."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldm import Pipeline
+from ldm.checkpoints import CheckpointError
+from ldm.checkpoints.keys import scatter, vae_keymaps
+from ldm.models.taesd import AutoencoderTiny, original_key
+from ldm.pipeline.png_info import parse_parameters
+from ldm.pipeline.vae_swap import cheap_rgb, previews
+from tiny_models import perturb, tiny_vae_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PROMPT = "a turtle playing basketball"
+H, W = 24, 32
+# two levels, as the tiny model's VAE: latents at 1/2 of the image side
+TINY_TAESD = dict(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(12, 12),
+                  num_encoder_blocks=(1, 2), num_decoder_blocks=(2, 1))
+
+
+@pytest.fixture(scope="module")
+def folder(sd1_folder):
+    return sd1_folder
+
+
+@pytest.fixture(scope="module")
+def kl(tmp_path_factory):
+    """A second diffusers AutoencoderKL (another seed), saved as a folder and as SD single files."""
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("kl")
+    torch.manual_seed(7)
+    vae = perturb(AutoencoderKL(**tiny_vae_config()), 7, scale=0.05).eval()
+    vae.save_pretrained(root / "vae-folder")
+    from ldm.models.vae import AutoencoderKL as Ours, VAEConfig
+
+    ours = Ours(VAEConfig.from_dict(dict(vae.config)))
+    original = scatter(vae_keymaps(ours.state_dict(), 2, prefix=""), vae.state_dict())
+    save_file(original, str(root / "vae-ft-tiny.safetensors"))
+    torch.save({"state_dict": {"first_stage_model." + k: v for k, v in original.items()}}, root / "prefixed.ckpt")
+    return vae, root
+
+
+@pytest.fixture(scope="module")
+def taesd(tmp_path_factory):
+    from diffusers import AutoencoderTiny as Theirs
+
+    root = tmp_path_factory.mktemp("taesd")
+    torch.manual_seed(8)
+    vae = perturb(Theirs(**TINY_TAESD), 8, scale=0.05).eval()
+    vae.save_pretrained(root / "taesd")
+    halves = {"encoder": {}, "decoder": {}}
+    for key, value in vae.state_dict().items():
+        half, theirs = original_key(key)
+        halves[half][theirs] = value.clone()
+    for half, state in halves.items():
+        torch.save(state, root / f"taesd_{half}.pth")
+    return vae, root
+
+
+def diffusers_images(folder, vae, latents, **kwargs):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    theirs = StableDiffusionPipeline.from_pretrained(folder)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.vae = vae
+    theirs.set_progress_bar_config(disable=True)
+    return theirs(PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=latents, height=H, width=W,
+                  output_type="np", **kwargs).images
+
+
+def ldm_images(pipe, latents, **kwargs):
+    return pipe(PROMPT, steps=4, guidance=7.5, sampler="ddim", latents=latents, height=H, width=W,
+                output_type="np", progress=False, **kwargs)
+
+
+def noise():
+    return torch.randn(1, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["vae-folder", "vae-ft-tiny.safetensors", "prefixed.ckpt"])
+def test_a_second_autoencoder_kl_draws_what_diffusers_draws(folder, kl, name):
+    vae, root = kl
+    pipe = Pipeline.from_pretrained(folder)
+    before = ldm_images(pipe, noise())
+    assert pipe.load_vae(root / name) is pipe
+    ours = ldm_images(pipe, noise())
+    expected = diffusers_images(folder, vae, noise())
+    assert np.abs(ours - expected).max() <= 2 / 255
+    assert np.abs(ours - before).max() > 0.02     # the VAE did change
+
+
+@pytest.mark.parametrize("name", ["taesd", "taesd_decoder.pth"])
+def test_taesd_draws_what_diffusers_draws_with_autoencoder_tiny(folder, taesd, name):
+    vae, root = taesd
+    pipe = Pipeline.from_pretrained(folder).load_vae(root / name)
+    assert isinstance(pipe.vae, AutoencoderTiny) and pipe.vae.config.scaling_factor == 1.0
+    expected = diffusers_images(folder, vae, noise())
+    assert np.abs(ldm_images(pipe, noise()) - expected).max() <= 2 / 255
+
+
+def test_img2img_encodes_through_taesd(folder, taesd):
+    vae, root = taesd
+    pipe = Pipeline.from_pretrained(folder).load_vae(root / "taesd_encoder.pth")
+    pixels = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.encode_images(pixels), vae.encode(pixels).latents, atol=1e-5, rtol=1e-5)
+    image = Image.fromarray(((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    source = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        round_trip = ((vae.decode(vae.encode(source).latents).sample.clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 0)
+    out = pipe.img2img(PROMPT, image, strength=0.0, steps=4, output_type="np", progress=False)[0]
+    assert np.abs(out - round_trip.numpy()).max() <= 2 / 255
+
+
+def test_png_names_the_vae_as_a1111_does(folder, kl):
+    _, root = kl
+    path = root / "vae-ft-tiny.safetensors"
+    pipe = Pipeline.from_pretrained(folder)
+    plain = pipe(PROMPT, steps=2, height=H, width=W, seed=1, progress=False)[0]
+    assert "VAE" not in parse_parameters(plain.info["parameters"])
+    image = pipe.load_vae(path)(PROMPT, steps=2, height=H, width=W, seed=1, progress=False)[0]
+    fields = parse_parameters(image.info["parameters"])
+    assert fields["VAE"] == "vae-ft-tiny.safetensors"
+    assert fields["VAE hash"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    recorded = json.loads(image.info["ldm"])
+    assert recorded["vae"] == fields["VAE"] and recorded["vae_hash"] == fields["VAE hash"]
+    # infotext order as A1111 writes it: ..., Model hash, Model, VAE hash, VAE, ...
+    text = image.info["parameters"]
+    assert text.index("Model:") < text.index("VAE hash:") < text.index("VAE:")
+
+
+def test_swapped_vae_keeps_the_pipelines_dtype_lean_and_tiling(folder, taesd):
+    _, root = taesd
+    pipe = Pipeline.from_pretrained(folder, vae_dtype=torch.bfloat16)
+    pipe.enable_vae_tiling(16)
+    pipe.load_vae(root / "taesd")
+    assert pipe.vae.dtype == torch.bfloat16 and pipe.vae.tiling and pipe.vae.tile_size == 16
+    assert pipe.components.vae is pipe.vae
+    image = pipe(PROMPT, steps=2, height=H, width=W, seed=1, progress=False, output_type="np")[0]
+    assert np.isfinite(image).all()
+
+
+def test_wrong_files_are_one_error_naming_the_file_and_keep_the_vae(folder, tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from tiny_models import tiny_unet_config
+
+    pipe = Pipeline.from_pretrained(folder)
+    vae = pipe.vae
+    unet = tmp_path / "unet.safetensors"
+    save_file(UNet2DConditionModel(**tiny_unet_config()).state_dict(), str(unet))
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, str(lora))
+    wide = tmp_path / "wide-vae"
+    AutoencoderKL(**{**tiny_vae_config(), "latent_channels": 16}).save_pretrained(wide)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for path, match in ((unet, "not a VAE: its tensors look like a U-Net"),
+                        (lora, "not a VAE: its tensors look like a LoRA"),
+                        (wide, "16 latent channels; this model's U-Net works on 4"),
+                        (tmp_path / "missing.safetensors", "no such file"),
+                        (text, "not a VAE file")):
+        with pytest.raises(CheckpointError, match=match) as info:
+            pipe.load_vae(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+        assert pipe.vae is vae
+
+
+def test_previews_show_each_steps_estimate(folder, taesd):
+    _, root = taesd
+    pipe = Pipeline.from_pretrained(folder)
+    seen, steps = [], []
+    pipe(PROMPT, steps=3, height=H, width=W, seed=1, progress=False,
+         callback=previews(pipe, lambda step, images: seen.append((step, images)), callback=steps.append))
+    assert [s for s, _ in seen] == [1, 2, 3] and len(steps) == 3
+    assert seen[0][1][0].size == (W // 2, H // 2)          # the cheap linear map: latent resolution
+    pipe.load_vae(root / "taesd")
+    seen.clear()
+    pipe(PROMPT, steps=3, height=H, width=W, seed=1, progress=False,
+         callback=previews(pipe, lambda step, images: seen.append((step, images)), every=2))
+    assert [s for s, _ in seen] == [2, 3] and seen[0][1][0].size == (W, H)   # TAESD: full size
+    z = torch.zeros(1, 4, 2, 2)
+    z[:, 3] = -1.0       # A1111's SD 1.5 factors: the 4th channel's negative is bluish
+    rgb = cheap_rgb(z)[0, :, 0, 0]
+    assert torch.allclose(rgb, torch.tensor([0.184, 0.271, 0.473]))
