@@ -19,6 +19,25 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DISCRETE_SPACINGS = ("leading", "trailing", "linspace")
 CONTINUOUS_SPACINGS = ("karras", "exponential")
+# The community schedules (ComfyUI's scheduler names; A1111's "SGM Uniform", "Simple", "Beta", "Align Your Steps"):
+# integer-timestep grids ("lcm", "simple", "beta") and σ lists ("sgm_uniform", "ays", "ays_sdxl").
+FEW_STEP_SPACINGS = ("lcm", "sgm_uniform", "simple", "beta", "ays", "ays_sdxl")
+SPACINGS = DISCRETE_SPACINGS + CONTINUOUS_SPACINGS + FEW_STEP_SPACINGS
+# LCMScheduler / TCDScheduler: the grid the consistency model was distilled on (original_inference_steps).
+LCM_ORIGINAL_STEPS = 50
+# The beta schedule's shape, Beta(0.6, 0.6) (Lee et al. 2024, "Beta Sampling is All You Need"; ComfyUI's default).
+BETA_ALPHA = BETA_BETA = 0.6
+# Align Your Steps (Sabour et al. 2024, "Align Your Steps: Optimizing Sampling Schedules in Diffusion Models"):
+# the published 10-step σ schedules (11 levels), as NVIDIA's how-to page and ComfyUI's
+# comfy_extras/nodes_align_your_steps.py list them.  Other step counts interpolate them log-linearly.
+AYS_SIGMAS = {
+    "ays": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904,
+            0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),                      # SD 1.5
+    "ays_sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+                 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),   # SDXL
+}
+# A spacing that depends on the model family: (spacing, family) -> the spacing that family uses.
+FAMILY_SPACINGS = {("ays", "sdxl"): "ays_sdxl", ("ays", "sdxl_refiner"): "ays_sdxl"}
 CONVENTIONS = ("ddim", "dpmsolver")
 
 # With a zero-terminal-SNR schedule ᾱ_{T-1} = 0 and σ_max = ∞.  Like diffusers' Euler/DPM-Solver/UniPC
@@ -185,9 +204,9 @@ class NoiseSchedule:
                    convention: str = "ddim") -> Tensor:
         """The σ sequence for a sampler: `steps` noise levels, decreasing, then the final level.
 
-        spacing: a discrete one ("leading", "trailing", "linspace": σ at the integer timesteps above) or a
+        spacing: a discrete one ("leading", "trailing", "linspace": σ at the integer timesteps above), a
         continuous one between sigma_min and sigma_max: "karras" (Karras et al. 2022, eq. 5, ρ = rho) or
-        "exponential" (uniform in log σ).
+        "exponential" (uniform in log σ), or one of FEW_STEP_SPACINGS (``_few_step_sigmas``).
         final="zero": the last entry is 0 (the sampler returns a clean sample).
         final="alpha0": the last entry is σ at ᾱ_0 (diffusers' DDIM with set_alpha_to_one=False lands there);
         the caller divides the result by sqrt(1 + σ²) to get the VP sample.  If the discrete timesteps already
@@ -201,6 +220,8 @@ class NoiseSchedule:
             if final == "alpha0":
                 raise ValueError(f"final='alpha0' applies to discrete spacings only, not {spacing!r}")
             levels = self._continuous_sigmas(steps, spacing, rho)
+        elif spacing in FEW_STEP_SPACINGS:
+            levels = self._few_step_sigmas(steps, spacing)
         else:
             levels = self.sigmas[self.timesteps(steps, spacing, convention=convention)]
         if final == "zero":
@@ -217,6 +238,41 @@ class NoiseSchedule:
             # Karras et al. 2022, eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ
             return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
         return torch.exp(math.log(hi) + ramp * (math.log(lo) - math.log(hi)))
+
+    def _few_step_sigmas(self, steps: int, spacing: str) -> Tensor:
+        """The community schedules, `steps` levels or fewer (beta merges repeated timesteps):
+        lcm          LCMScheduler.set_timesteps: the distillation grid t = k·T/50 − 1 (k = 1..50), then `steps`
+                     of its points at evenly spaced indices from the top (Luo et al. 2023, §4.3);
+        simple       ComfyUI's: the σ table at T − 1 − ⌊i·T/steps⌋;
+        sgm_uniform  t uniform from T − 1 to 0, steps + 1 points less the last, σ by log-σ interpolation (as
+                     Stability's sgm discretisation; ComfyUI's "sgm_uniform");
+        beta         t = round(F⁻¹(1 − i/steps)·(T − 1)) for the Beta(0.6, 0.6) distribution function F (Lee et
+                     al. 2024), repeated timesteps merged;
+        ays/ays_sdxl Align Your Steps' published levels (AYS_SIGMAS), interpolated log-linearly over the index
+                     to steps + 1 levels, the last of which the final level replaces (as ComfyUI's node does)."""
+        _check_steps(steps)
+        T = self.num_timesteps
+        if spacing == "lcm":
+            if steps > LCM_ORIGINAL_STEPS:
+                raise ValueError(f"the lcm spacing has at most {LCM_ORIGINAL_STEPS} steps (LCM's "
+                                 f"original_inference_steps grid), got steps={steps}")
+            grid = np.arange(1, LCM_ORIGINAL_STEPS + 1)[::-1] * (T // LCM_ORIGINAL_STEPS) - 1
+            return self.sigmas[torch.from_numpy(grid[np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, steps,
+                                                                          endpoint=False)).astype(np.int64)])]
+        if spacing == "simple":
+            return self.sigmas[torch.tensor([T - 1 - int(i * (T / steps)) for i in range(steps)])]
+        if spacing == "sgm_uniform":
+            return self.t_to_sigma(torch.linspace(T - 1, 0, steps + 1, dtype=torch.float64)[:-1])
+        if spacing == "beta":
+            ts = [round(beta_quantile(1.0 - i / steps, BETA_ALPHA, BETA_BETA) * (T - 1)) for i in range(steps)]
+            return self.sigmas[torch.tensor(sorted(set(ts), reverse=True))]
+        table = torch.tensor(AYS_SIGMAS[spacing], dtype=torch.float64)
+        if steps + 1 != len(table):
+            where = torch.linspace(0, len(table) - 1, steps + 1, dtype=torch.float64)
+            low = where.floor().long().clamp(max=len(table) - 2)
+            w = where - low
+            table = ((1 - w) * table[low].log() + w * table[low + 1].log()).exp()
+        return table[:-1]
 
     def _per_sample(self, table: Tensor, t, like: Tensor) -> Tensor:
         """table[t] as a float64 tensor shaped to broadcast against `like` (t: int or (B,) integers)."""
@@ -238,6 +294,56 @@ class NoiseSchedule:
         """One Markov step q(x_t | x_{t−1}) = N(sqrt(1 − β_t)·x_{t−1}, β_t·I) (Ho et al. 2020, eq. 2)."""
         beta = self._per_sample(self.betas, t, x_prev)
         return ((1.0 - beta).sqrt() * x_prev.double() + beta.sqrt() * noise.double()).to(x_prev.dtype)
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), the Beta(a, b) distribution function.
+
+    Its continued fraction (Abramowitz & Stegun 26.5.8), evaluated by the modified Lentz method, converges fast
+    for x < (a + 1)/(a + b + 2); above that the symmetry I_x(a, b) = 1 − I_{1−x}(b, a) is used.
+    """
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - beta_cdf(1.0 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) - math.log(a) - (math.lgamma(a) + math.lgamma(b)
+                                                                       - math.lgamma(a + b))
+    tiny = 1e-300
+
+    def guard(v: float) -> float:
+        return v if abs(v) > tiny else tiny
+
+    c, d = 1.0, 1.0 / guard(1.0 - (a + b) * x / (a + 1))
+    fraction = d
+    for m in range(1, 500):
+        # the even term d_2m = m(b − m)x / ((a + 2m − 1)(a + 2m)), then the odd d_2m+1 = −(a + m)(a + b + m)x /
+        # ((a + 2m)(a + 2m + 1))
+        for coefficient in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 / guard(1.0 + coefficient * d)
+            c = guard(1.0 + coefficient / c)
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * fraction
+
+
+def beta_quantile(p: float, a: float, b: float) -> float:
+    """F⁻¹(p) for the Beta(a, b) distribution (scipy.stats.beta.ppf), by bisection on ``beta_cdf`` to 2⁻⁶⁰."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"beta_quantile: p must be in [0, 1], got {p}")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if beta_cdf(mid, a, b) < p else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def spacing_for_family(spacing: str | None, family: str | None) -> str | None:
+    """The spacing a model family uses for `spacing` (Align Your Steps has one table per family)."""
+    return FAMILY_SPACINGS.get((spacing, family), spacing)
 
 
 def _check_steps(steps) -> None:

@@ -1,14 +1,4 @@
-"""Samplers: pure functions over (denoiser, x, sigmas) in σ-space.
-
-Every sampler integrates from x at sigmas[0] down to sigmas[-1] (usually 0), where x = x0 + σ·n and
-denoiser(x, σ) estimates E[x0 | x].  Step i goes from sigmas[i] to sigmas[i + 1]; the next noise level is
-always read from the list, never recomputed from integer timesteps.  The probability-flow ODE (Karras et al.
-2022, eq. 4 with σ(t) = t) is dx/dσ = (x − D(x; σ))/σ; ancestral and SDE samplers add fresh noise each step,
-drawn on the CPU through ldm.rng (generator: None, one Generator, or one per batch row).
-
-callback(info) runs once per step with info = {i, sigma, sigma_next, x, denoised, steps}; x is the sample at
-sigma (before the step) and denoised its x0 estimate.  Samplers keep no state between calls.
-"""
+"""The classic samplers: DDPM, DDIM, Euler (ancestral), Heun, DPM-Solver-2, DPM-Solver++(2M) and its SDE form."""
 
 from __future__ import annotations
 
@@ -18,75 +8,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ldm.denoiser import batch_sigma
-from ldm.rng import Generators, randn
+from ldm.samplers.base import Run, ancestral_sigmas
 
 
-def check_sigmas(sigmas) -> list[float]:
-    """Validate a σ sequence and return it as Python floats (float64).
-
-    It must be 1-D with at least two entries (one step), finite, non-negative and strictly decreasing.
-    """
-    s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu() if not torch.is_tensor(sigmas) \
-        else sigmas.detach().to("cpu", torch.float64)
-    if s.ndim != 1:
-        raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
-    if len(s) < 2:
-        raise ValueError(f"sigmas needs at least 2 entries (steps >= 1), got {len(s)}")
-    if not torch.isfinite(s).all() or (s < 0).any():
-        bad = int(torch.nonzero(~torch.isfinite(s) | (s < 0))[0])
-        raise ValueError(f"sigmas must be finite and >= 0: sigmas[{bad}] = {float(s[bad])}")
-    rising = torch.nonzero(s[1:] >= s[:-1])
-    if len(rising):
-        i = int(rising[0]) + 1
-        raise ValueError(f"sigmas must be strictly decreasing: sigmas[{i}] = {float(s[i]):.6g} >= "
-                         f"sigmas[{i - 1}] = {float(s[i - 1]):.6g} (first bad index {i})")
-    return s.tolist()
-
-
-class _Run:
-    """Book-keeping shared by the samplers: σ list, denoiser calls, step reports and noise."""
-
-    def __init__(self, denoiser, sigmas, generator: Generators, callback: Callable | None):
-        self.denoiser = denoiser
-        self.sigmas = check_sigmas(sigmas)
-        self.steps = len(self.sigmas) - 1
-        self.generator = generator
-        self.callback = callback
-
-    def __iter__(self):
-        for i in range(self.steps):
-            yield i, self.sigmas[i], self.sigmas[i + 1]
-
-    def model(self, x: Tensor, sigma: float) -> Tensor:
-        return self.denoiser(x, batch_sigma(sigma, x))
-
-    def denoise(self, i: int, x: Tensor) -> Tensor:
-        """D(x; sigmas[i]), reported to the callback."""
-        denoised = self.model(x, self.sigmas[i])
-        if self.callback is not None:
-            self.callback({"i": i, "sigma": self.sigmas[i], "sigma_next": self.sigmas[i + 1], "x": x,
-                           "denoised": denoised, "steps": self.steps})
-        return denoised
-
-    def noise(self, x: Tensor) -> Tensor:
-        return randn(x.shape, self.generator, device=x.device, dtype=x.dtype)
-
-
-def _ancestral_sigmas(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
-    """Split a step σ → σ' into a deterministic part down to σ_down and fresh noise σ_up, σ_down² + σ_up² = σ'².
-
-    σ_up = η·σ'·sqrt(σ² − σ'²)/σ is the DDIM noise level (Song et al. 2021, eq. 16) written in σ-space; η = 1
-    gives the DDPM posterior variance.
-    """
-    up = min(sigma_next, eta * sigma_next * math.sqrt(max(sigma**2 - sigma_next**2, 0.0)) / sigma)
-    return math.sqrt(sigma_next**2 - up**2), up
-
-
-def _ancestral(run: _Run, x: Tensor, eta: float) -> Tensor:
+def _ancestral(run: Run, x: Tensor, eta: float) -> Tensor:
     for i, sigma, sigma_next in run:
         denoised = run.denoise(i, x)
-        down, up = _ancestral_sigmas(sigma, sigma_next, eta)
+        down, up = ancestral_sigmas(sigma, sigma_next, eta)
         # Deterministic move to σ_down along the current ε estimate, then fresh noise of size σ_up.
         x = denoised + (x - denoised) * (down / sigma)
         if up > 0:
@@ -99,7 +27,7 @@ def ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 0.0
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12); eta=0 is deterministic."""
     if eta < 0:
         raise ValueError(f"ddim: eta must be >= 0, got {eta}")
-    return _ancestral(_Run(denoiser, sigmas, generator, callback), x, eta)
+    return _ancestral(Run(denoiser, sigmas, generator, callback), x, eta)
 
 
 @torch.no_grad()
@@ -107,13 +35,13 @@ def euler_a(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 
     """Euler ancestral (Crowson, k-diffusion; Euler steps of Karras et al. 2022 plus DDPM-sized fresh noise)."""
     if eta < 0:
         raise ValueError(f"euler_a: eta must be >= 0, got {eta}")
-    return _ancestral(_Run(denoiser, sigmas, generator, callback), x, eta)
+    return _ancestral(Run(denoiser, sigmas, generator, callback), x, eta)
 
 
 @torch.no_grad()
 def ddpm(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
     """Ancestral sampling from the DDPM posterior q(x_σ' | x_σ, x0) (Ho et al. 2020, eqs. 6-7)."""
-    run = _Run(denoiser, sigmas, generator, callback)
+    run = Run(denoiser, sigmas, generator, callback)
     for i, sigma, sigma_next in run:
         denoised = run.denoise(i, x)
         # In σ-space x_σ = x_σ' + sqrt(σ² − σ'²)·n, so the Gaussian posterior of x_σ' given x_σ and x0 has
@@ -128,14 +56,14 @@ def ddpm(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
 @torch.no_grad()
 def euler(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
-    run = _Run(denoiser, sigmas, generator, callback)
+    run = Run(denoiser, sigmas, generator, callback)
     for i, sigma, sigma_next in run:
         denoised = run.denoise(i, x)
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
     return x
 
 
-def _runge_kutta_2(run: _Run, x: Tensor, probe: Callable[[float, float], float], weight: float) -> Tensor:
+def _runge_kutta_2(run: Run, x: Tensor, probe: Callable[[float, float], float], weight: float) -> Tensor:
     """Two-stage Runge–Kutta on the probability-flow ODE: an Euler step to a probe level σ_p, the slope there,
     and the step taken with (1 − w)·slope(σ) + w·slope(σ_p).  The last step to σ = 0, where the slope is
     undefined, is plain Euler (Karras et al. 2022, Algorithm 1, line 8)."""
@@ -156,18 +84,18 @@ def _runge_kutta_2(run: _Run, x: Tensor, probe: Callable[[float, float], float],
 def heun(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
     """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)."""
     # Trapezoid rule: probe at the end of the step, average the two slopes.
-    return _runge_kutta_2(_Run(denoiser, sigmas, generator, callback), x, lambda s, s_next: s_next, 0.5)
+    return _runge_kutta_2(Run(denoiser, sigmas, generator, callback), x, lambda s, s_next: s_next, 0.5)
 
 
 @torch.no_grad()
 def dpm_2(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
     """DPM-Solver-2 (Lu et al. 2022, Algorithm 1 with r = 1/2): a midpoint step in log σ."""
     # The midpoint in λ = −log σ is the geometric mean of σ and σ'; its slope alone makes the step.
-    return _runge_kutta_2(_Run(denoiser, sigmas, generator, callback), x, lambda s, s_next: math.sqrt(s * s_next),
+    return _runge_kutta_2(Run(denoiser, sigmas, generator, callback), x, lambda s, s_next: math.sqrt(s * s_next),
                           1.0)
 
 
-def _dpmpp_2m(run: _Run, x: Tensor, eta: float) -> Tensor:
+def _dpmpp_2m(run: Run, x: Tensor, eta: float) -> Tensor:
     """DPM-Solver++(2M) in λ = −log σ, as an ODE (η = 0) or SDE (η > 0) solver; h = λ' − λ = log(σ/σ').
 
     The SDE form (Lu et al. 2022, "DPM-Solver++", §4; k-diffusion's midpoint variant) keeps a fraction e^{−ηh}
@@ -199,7 +127,7 @@ def _dpmpp_2m(run: _Run, x: Tensor, eta: float) -> Tensor:
 @torch.no_grad()
 def dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), multistep in λ = −log σ."""
-    return _dpmpp_2m(_Run(denoiser, sigmas, generator, callback), x, eta=0.0)
+    return _dpmpp_2m(Run(denoiser, sigmas, generator, callback), x, eta=0.0)
 
 
 @torch.no_grad()
@@ -207,27 +135,6 @@ def dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, eta: flo
     """DPM-Solver++(2M) SDE (Lu et al. 2022, "DPM-Solver++", §4; midpoint form as in k-diffusion)."""
     if eta < 0:
         raise ValueError(f"dpmpp_2m_sde: eta must be >= 0, got {eta}")
-    return _dpmpp_2m(_Run(denoiser, sigmas, generator, callback), x, eta)
+    return _dpmpp_2m(Run(denoiser, sigmas, generator, callback), x, eta)
 
 
-class UnknownSamplerError(KeyError, ValueError):
-    """An unknown sampler name; the message lists the known ones."""
-
-    def __str__(self):
-        return str(self.args[0])
-
-
-class _Registry(dict):
-    def __missing__(self, name):
-        raise UnknownSamplerError(f"unknown sampler {name!r}; known samplers: {', '.join(sorted(self))}")
-
-
-SAMPLERS: dict[str, Callable[..., Tensor]] = _Registry(
-    ddpm=ddpm, ddim=ddim, euler=euler, euler_a=euler_a, heun=heun, dpm_2=dpm_2, dpmpp_2m=dpmpp_2m,
-    dpmpp_2m_sde=dpmpp_2m_sde,
-)
-
-
-def get_sampler(name: str) -> Callable[..., Tensor]:
-    """The sampler called `name`; ValueError (also a KeyError) listing the known names if there is none."""
-    return SAMPLERS[name]

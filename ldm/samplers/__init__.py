@@ -1,0 +1,61 @@
+"""Samplers: pure functions over (denoiser, x, sigmas) in σ-space.
+
+Every sampler integrates from x at sigmas[0] down to sigmas[-1] (usually 0), where x = x0 + σ·n and
+denoiser(x, σ) estimates E[x0 | x].  Step i goes from sigmas[i] to sigmas[i + 1]; the next noise level is
+always read from the list, never recomputed from integer timesteps.  The probability-flow ODE (Karras et al.
+2022, eq. 4 with σ(t) = t) is dx/dσ = (x − D(x; σ))/σ; ancestral and SDE samplers add fresh noise each step,
+drawn on the CPU through ldm.rng (generator: None, one Generator, or one per batch row).
+
+callback(info) runs once per step with info = {i, sigma, sigma_next, x, denoised, steps}; x is the sample at
+sigma (before the step) and denoised its x0 estimate.  Samplers keep no state between calls.
+
+    base         the σ check, the run's book-keeping, the ancestral split, schedule hints
+    classic      ddpm, ddim, euler, euler_a, heun, dpm_2, dpmpp_2m, dpmpp_2m_sde
+    multistep    lms, unipc, dpmpp_3m_sde
+    singlestep   dpmpp_2s_a, dpmpp_sde
+    consistency  lcm, tcd (few-step samplers for consistency-distilled models)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ldm.samplers.base import check_sigmas
+from ldm.samplers.classic import ddim, ddpm, dpm_2, dpmpp_2m, dpmpp_2m_sde, euler, euler_a, heun
+from ldm.samplers.consistency import lcm, tcd
+from ldm.samplers.multistep import dpmpp_3m_sde, lms, unipc
+from ldm.samplers.singlestep import dpmpp_2s_a, dpmpp_sde
+
+__all__ = ["SAMPLERS", "UnknownSamplerError", "check_sigmas", "get_sampler", "schedule_hints_of"]
+
+
+class UnknownSamplerError(KeyError, ValueError):
+    """An unknown sampler name; the message lists the known ones."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+class _Registry(dict):
+    def __missing__(self, name):
+        raise UnknownSamplerError(f"unknown sampler {name!r}; known samplers: {', '.join(sorted(self))}")
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = _Registry(
+    ddpm=ddpm, ddim=ddim, euler=euler, euler_a=euler_a, heun=heun, dpm_2=dpm_2, dpmpp_2m=dpmpp_2m,
+    dpmpp_2m_sde=dpmpp_2m_sde, lms=lms, unipc=unipc, dpmpp_3m_sde=dpmpp_3m_sde, dpmpp_2s_a=dpmpp_2s_a,
+    dpmpp_sde=dpmpp_sde, lcm=lcm, tcd=tcd,
+)
+
+
+def get_sampler(name: str) -> Callable[..., Tensor]:
+    """The sampler called `name`; ValueError (also a KeyError) listing the known names if there is none."""
+    return SAMPLERS[name]
+
+
+def schedule_hints_of(name: str) -> dict:
+    """The σ layout the sampler's reference scheduler uses where the caller names none: {"spacing": ...,
+    "final": "alpha0", "convention": ...}, each key only where it differs from the model's own (``base``)."""
+    return dict(getattr(SAMPLERS[name], "schedule_hints", {}))
