@@ -334,6 +334,8 @@ def beta_quantile(p: float, a: float, b: float) -> float:
     """F⁻¹(p) for the Beta(a, b) distribution (scipy.stats.beta.ppf), by bisection on ``beta_cdf`` to 2⁻⁶⁰."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"beta_quantile: p must be in [0, 1], got {p}")
+    if p in (0.0, 1.0):
+        return p
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
