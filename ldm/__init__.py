@@ -3,7 +3,8 @@
     from ldm import Pipeline
     images = Pipeline()("a turtle playing basketball")
 
-``Pipeline`` is imported on first use, so ``import ldm`` (and ``ldm --help``) stays fast.
+``Pipeline`` and ``Control`` (a control unit of a request) are imported on first use, so ``import ldm`` (and
+``ldm --help``) stays fast.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "__version__"]
+__all__ = ["Pipeline", "Control", "__version__"]
 
 if TYPE_CHECKING:
-    from ldm.pipeline import Pipeline
+    from ldm.pipeline import Control, Pipeline
 
 
 def __getattr__(name: str):
-    if name == "Pipeline":
-        from ldm.pipeline import Pipeline
+    if name in ("Pipeline", "Control"):
+        import ldm.pipeline
 
-        return Pipeline
+        return getattr(ldm.pipeline, name)
     raise AttributeError(f"module 'ldm' has no attribute {name!r}")

@@ -171,11 +171,15 @@ class DownStage(_Stage):
             self.downsamplers = None
 
     def forward(
-        self, h: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self, h: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None,
+        additional_residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``additional_residual``: added to the last layer's output (a T2I-Adapter's feature)."""
         skips = []
         for i in range(len(self.resnets)):
             h = self.layer(i, h, temb, context)
+            if additional_residual is not None and i == len(self.resnets) - 1:
+                h = h + additional_residual
             skips.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)

@@ -263,9 +263,14 @@ class UNet(nn.Module):
         return emb + self.add_embedding(features)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None,
+                down_intrablock_additional_residuals=None) -> torch.Tensor:
         """x (B, C, h, w) latents, t (B,) or scalar timesteps (fractional allowed), context (B, L, D); SDXL also
-        text_embeds (B, pooled) and time_ids (B, 6 | 5)."""
+        text_embeds (B, pooled) and time_ids (B, 6 | 5). Control residuals, as diffusers names them
+        (ldm.models.controlnet, ldm.models.t2i_adapter): a ControlNet's are added to every skip and to the
+        middle block's output; a T2I-Adapter's features one per down level, inside it (after its last layer, or
+        after a plain level's downsampler) and, when one is left and fits, after the middle block (SDXL)."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
@@ -280,10 +285,21 @@ class UNet(nn.Module):
 
         h = self.conv_in(inference_layout(x))
         skips = [h]
+        features = list(down_intrablock_additional_residuals or ())
         for block in self.down_blocks:
-            h, block_skips = block(h, emb, context)
+            feature = features.pop(0) if features else None
+            inside = feature is not None and block.attentions is not None
+            h, block_skips = block(h, emb, context, feature if inside else None)
+            if feature is not None and not inside:
+                h = block_skips[-1] = h + feature
             skips.extend(block_skips)
+        if down_block_additional_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
         h = self.mid_block(h, emb, context)
+        if features and features[0].shape == h.shape:
+            h = h + features.pop(0)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
         for block in self.up_blocks:
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]

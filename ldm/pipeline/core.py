@@ -33,6 +33,7 @@ from ldm.pipeline import images as img
 from ldm.pipeline import prompting, vae_swap
 from ldm.pipeline.applications import Applications
 from ldm.pipeline.conditioning import SizeConditioning, TextConditioner
+from ldm.pipeline.control import controlling, load_unit
 from ldm.pipeline.memory import check_memory
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
 from ldm.pipeline.request import Request, as_negatives, as_prompts, as_seeds, finite, positive_int
@@ -110,6 +111,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         self.emphasis, self.lora_strict = emphasis, lora_strict
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self.adapters = Patches()
+        self._controls = None   # the control units of the request running now (ldm.pipeline.control)
         if embeddings_dir is not None:
             self.load_embeddings_dir(embeddings_dir)
 
@@ -139,7 +141,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
     def __call__(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m",
                  height=None, width=None, seed=None, num_images_per_prompt=1, latents=None, eta=0.0, *,
                  guidance_rescale=0.0, clip_skip=None, spacing=None, callback=None, progress=True,
-                 output_type="pil", sizes: SizeConditioning | None = None):
+                 output_type="pil", sizes: SizeConditioning | None = None, control=None):
         """Images for ``prompt`` (str or list): a list of PIL images (``output_type="np"``: (B, H, W, 3) floats
         in [0, 1]; ``"latent"``: the (B, C, h, w) latents before decoding). ``seed``: an int (image i gets
         seed + i) or one int per image. ``latents``: the initial noise ~ N(0, I), as diffusers takes it.
@@ -147,7 +149,8 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         ancestral/SDE samplers (euler_a, dpmpp_2m_sde) at their own default of 1. ``spacing``: None -> the
         model's timestep spacing; "karras"/"exponential" for continuous σ schedules. ``sizes``: SDXL's
         micro-conditioning (``SizeConditioning(original_size=, crops_coords_top_left=, target_size=,
-        aesthetic_score=)``; default: the requested size, crop (0, 0), as diffusers)."""
+        aesthetic_score=)``; default: the requested size, crop (0, 0), as diffusers). ``control``: a ``Control``
+        or a list of them (ControlNets, T2I-Adapters; ``ldm.pipeline.control``)."""
         req = self.request(prompt, negative_prompt, steps, guidance, sampler, height, width, seed,
                            num_images_per_prompt, eta, guidance_rescale, clip_skip, spacing, output_type, sizes)
         shape = (req.batch, self.latent_channels, req.height // self.vae_scale_factor,
@@ -162,8 +165,8 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
             gray = torch.zeros(1, 3, req.height, req.width)
             extra = self.inpaint_conditioning(gray, torch.ones(1, 1, req.height, req.width))
             extra = {k: v.expand(req.batch, *v.shape[1:]) for k, v in extra.items()}
-        with self.prompt_loras(req.prompts) as hashes:
-            denoiser = self.guided_denoiser(req, extra)
+        with controlling(self, control, req, sigmas) as hints, self.prompt_loras(req.prompts) as hashes:
+            denoiser = self.guided_denoiser(req, {**extra, **hints})
             x = noise.to(self.device, torch.float32) * self.initial_scale(sigmas, req.spacing)
             z = self.sample(denoiser, x, sigmas, req, generators, callback, progress)
         return self.finish(z, req, output_type, **{"Lora hashes": hashes or None})
@@ -255,9 +258,12 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         ``blocks``: how many stacked copies of the image batch one call carries (2 under classifier-free
         guidance, [uncond; cond]); in batch-invariant mode an image's rows from every block run together."""
         network = _InpaintingInput(self._network) if self.is_inpainting_model else self._network
+        if self._controls is not None:
+            network = self._controls.network(network)
         if self.batch_invariant:
             network = _PerImage(network, blocks, self.micro_batch)
-        return Denoiser(network, self.schedule, dtype=self.dtype)
+        denoiser = Denoiser(network, self.schedule, dtype=self.dtype)
+        return denoiser if self._controls is None else self._controls.denoiser(denoiser)
 
     def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
         """Classifier-free guidance over the denoiser; the unconditional context is encoded once per call."""
@@ -412,6 +418,11 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         """Remove every adapter loaded with ``load_lora``: the base weights, bit for bit."""
         self.adapters.clear()
 
+    def load_control(self, path, **options):
+        """A ControlNet or T2I-Adapter file or diffusers folder, for ``Control(unit, image, ...)``; kind, layout and
+        config come from the keys and shapes (``ldm.pipeline.control``, ``ldm.checkpoints.control``)."""
+        return load_unit(self, path, **options)
+
 class _InpaintingInput(torch.nn.Module):
     """The 9-channel inpainting U-Net's input: cat[x_t (scaled by the denoiser), mask, masked-image latents]
     along channels, in diffusers' order; the extra inputs are conditions, never noise-scaled."""
@@ -420,8 +431,9 @@ class _InpaintingInput(torch.nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, x, t, context, mask, masked_latents):
-        return self.network(torch.cat([x, mask.to(x.dtype), masked_latents.to(x.dtype)], dim=1), t, context)
+    def forward(self, x, t, context, mask, masked_latents, **residuals):
+        return self.network(torch.cat([x, mask.to(x.dtype), masked_latents.to(x.dtype)], dim=1), t, context,
+                            **residuals)
 
 
 class _PerImage(torch.nn.Module):

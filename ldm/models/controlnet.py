@@ -1,0 +1,183 @@
+"""ControlNet (Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion Models").
+
+A trainable copy of the U-Net's encoder half (conv_in, the down levels, the middle block) that also sees a
+control image: a small convolutional network (the *hint embedding*, §3.2: 4×4-strided convolutions to the
+latent size) adds its features to conv_in's output. Every map the copy would hand to the U-Net's up path as a
+skip, and the middle block's output, goes through a 1×1 *zero convolution* (initialised to zero, so training
+starts from the unchanged U-Net); the results are added to the locked U-Net's skips and middle output
+(``UNet.forward(..., down_block_additional_residuals=, mid_block_additional_residual=)``).
+
+Built from the U-Net's own blocks, with diffusers' ControlNetModel parameter names
+(diffusers/models/controlnets/controlnet.py), so a diffusers ``controlnet/`` folder loads with strict=True and
+the copy's keys equal the U-Net's (a "difference" file adds the base U-Net's weights key by key).
+SDXL's ControlNets carry the micro-conditioning embedding (``add_embedding``) as the SDXL U-Net does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.models.attention import Transformer2D
+from ldm.models.blocks import DownStage, MidStage, TimestepEmbedding, timestep_embedding
+from ldm.models.conv import Conv2d, inference_layout
+from ldm.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_UP, UNetConfig
+
+# diffusers ControlNetModel config keys that are not U-Net keys, with their defaults.
+CONTROL_DEFAULTS = {
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": (16, 32, 96, 256),
+    "controlnet_conditioning_channel_order": "rgb",
+    "global_pool_conditions": False,
+}
+# U-Net config keys a ControlNet config never has (it has no decoder half); filled from the encoder's.
+_DECODER_KEYS = ("up_block_types", "out_channels")
+
+
+@dataclass
+class ControlNetConfig:
+    """diffusers ControlNetModel config.json: the encoder's architecture as a UNetConfig (same keys, same
+    validation) plus the control image's hint embedding."""
+
+    unet: UNetConfig = dataclasses.field(default_factory=UNetConfig)
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    controlnet_conditioning_channel_order: str = "rgb"
+    global_pool_conditions: bool = False
+
+    def __post_init__(self):
+        self.conditioning_embedding_out_channels = tuple(self.conditioning_embedding_out_channels)
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise ValueError("ControlNetConfig.controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got "
+                             f"{self.controlnet_conditioning_channel_order!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ControlNetConfig:
+        """From a diffusers ControlNetModel config dict; unsupported features raise ValueError naming them."""
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        control = {k: d.pop(k) for k in list(d) if k in CONTROL_DEFAULTS}
+        down = d.get("down_block_types", UNetConfig.down_block_types)
+        d.setdefault("up_block_types", [CROSS_UP if b == CROSS_DOWN else PLAIN_UP for b in reversed(down)])
+        return cls(UNetConfig.from_dict(d), **control)
+
+    def to_dict(self) -> dict:
+        """A diffusers config dict: ControlNetModel(**d) builds the same architecture."""
+        d = {k: v for k, v in self.unet.to_dict().items() if k not in (*_DECODER_KEYS, "sample_size", "dropout")}
+        for key in CONTROL_DEFAULTS:
+            value = getattr(self, key)
+            d[key] = list(value) if isinstance(value, tuple) else value
+        return d
+
+
+class ConditioningEmbedding(nn.Module):
+    """The hint embedding (Zhang et al. 2023, §3.2): conv_in, then per width a 3×3 conv and a stride-2 3×3 conv
+    to the next width, SiLU after each, and a (zero-initialised) conv_out to the U-Net's first width: a control
+    image at pixel size becomes a map at latent size (3 halvings: 8×)."""
+
+    def __init__(self, out_channels: int, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 96, 256)):
+        super().__init__()
+        self.conv_in = Conv2d(in_channels, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for a, b in zip(widths[:-1], widths[1:]):
+            self.blocks.append(Conv2d(a, a, 3, padding=1))
+            self.blocks.append(Conv2d(a, b, 3, padding=1, stride=2))
+        self.conv_out = Conv2d(widths[-1], out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inplace = not torch.is_grad_enabled()
+        h = F.silu(self.conv_in(x), inplace=inplace)
+        for conv in self.blocks:
+            h = F.silu(conv(h), inplace=inplace)
+        return self.conv_out(h)
+
+
+class ControlNet(nn.Module):
+    """forward(x, t, context, hint) -> (residuals for the U-Net's skips, residual for its middle output)."""
+
+    def __init__(self, config: ControlNetConfig | None = None):
+        super().__init__()
+        self.config = config or ControlNetConfig()
+        cfg = self.config.unet
+        channels = cfg.block_out_channels
+        layers, heads = cfg.per_level("layers_per_block"), cfg.heads()
+        context_dims, depths = cfg.per_level("cross_attention_dim"), cfg.per_level("transformer_layers_per_block")
+        temb = channels[0] * 4
+        common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+
+        def spatial_transformer(level: int):
+            def build(c: int) -> Transformer2D:
+                return Transformer2D(c, heads[level], c // heads[level], context_dims[level], depth=depths[level],
+                                     groups=cfg.norm_num_groups, linear=cfg.use_linear_projection,
+                                     upcast=cfg.upcast_attention)
+            return build
+
+        self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        if cfg.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
+        self.controlnet_cond_embedding = ConditioningEmbedding(
+            channels[0], self.config.conditioning_channels, self.config.conditioning_embedding_out_channels)
+
+        # one zero conv per skip the U-Net's up path takes: conv_in's map, each resnet's, each downsampler's
+        self.down_blocks = nn.ModuleList()
+        self.controlnet_down_blocks = nn.ModuleList([Conv2d(channels[0], channels[0], 1)])
+        prev = channels[0]
+        for i, kind in enumerate(cfg.down_block_types):
+            last = i == cfg.levels - 1
+            self.down_blocks.append(DownStage(
+                prev, channels[i], temb, layers[i], downsample=not last,
+                attention=spatial_transformer(i) if kind == CROSS_DOWN else None, **common))
+            for _ in range(layers[i] + (0 if last else 1)):
+                self.controlnet_down_blocks.append(Conv2d(channels[i], channels[i], 1))
+            prev = channels[i]
+        self.mid_block = MidStage(channels[-1], temb, attention=spatial_transformer(cfg.levels - 1), **common)
+        self.controlnet_mid_block = Conv2d(channels[-1], channels[-1], 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embedding.linear_1.weight.dtype
+
+    def embedding(self, x: torch.Tensor, t: torch.Tensor, text_embeds=None, time_ids=None) -> torch.Tensor:
+        """The timestep embedding (+ SDXL's micro-conditioning), as the U-Net computes it."""
+        cfg = self.config.unet
+        emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                 freq_shift=cfg.freq_shift)
+        emb = self.time_embedding(emb.to(x.dtype))
+        if cfg.addition_embed_type != "text_time":
+            return emb
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this ControlNet (SDXL) needs text_embeds and time_ids")
+        b = emb.shape[0]
+        sinusoids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                       flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        features = torch.cat([text_embeds.reshape(b, -1).to(emb.dtype), sinusoids.reshape(b, -1).to(emb.dtype)], -1)
+        return emb + self.add_embedding(features)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, hint: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x (B, C, h, w) latents as the U-Net gets them, t (B,) or scalar, context (B, L, D), hint (B, 3, 8h, 8w)
+        in [0, 1]. Unscaled residuals: the caller multiplies by the unit's weight."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        emb = self.embedding(x, t, text_embeds, time_ids)
+        context = context.to(x.dtype)
+        hint = hint.to(x.dtype)
+        if self.config.controlnet_conditioning_channel_order == "bgr":
+            hint = hint.flip(1)
+        h = self.conv_in(inference_layout(x)) + self.controlnet_cond_embedding(inference_layout(hint))
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, context)
+            skips.extend(block_skips)
+        h = self.mid_block(h, emb, context)
+        down = [zero(s) for zero, s in zip(self.controlnet_down_blocks, skips, strict=True)]
+        mid = self.controlnet_mid_block(h)
+        if self.config.global_pool_conditions:   # "shuffle"-style ControlNets: only the global mean acts
+            down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
+            mid = mid.mean(dim=(2, 3), keepdim=True)
+        return down, mid

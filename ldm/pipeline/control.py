@@ -1,0 +1,268 @@
+"""Image control of the one Pipeline: ControlNets and T2I-Adapters.
+
+    unit = pipe.load_control("control_v11p_sd15_canny.safetensors")      # kind and config from the keys
+    images = pipe("a house", control=[Control(unit, edges, scale=0.8, start=0.0, end=1.0)])
+
+A ControlNet (Zhang et al. 2023) runs beside the U-Net at every step and adds its residuals to the U-Net's
+skips and middle block; several ControlNets sum theirs. A T2I-Adapter (Mou et al. 2023) turns its image into
+feature maps once per image; they are added inside the U-Net's down levels at every step. Both act only during
+the steps i (of N) with start <= i/N and (i+1)/N <= end, diffusers' ``control_guidance_start/end`` rule (for an
+adapter with start 0 that is diffusers' ``adapter_conditioning_factor`` = end).
+
+How it rides the pipeline's pieces: the control images (and an adapter's features) are extra conditions of every
+U-Net call, one row per image, so classifier-free guidance duplicates them for both branches (as diffusers'
+``prepare_image`` does) and batch-invariant micro-batching (``core._PerImage``) hands each image its own rows;
+the step index travels the same way (``control_step``, from σ, so that samplers evaluating between steps
+act with the step they are in). ``_Controlled`` wraps the network: it runs the active units on exactly the rows
+the U-Net gets, then the U-Net with the residuals (``UNet.forward``'s diffusers-named keywords).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldm.checkpoints.control import CONTROLNET, T2I_ADAPTER, load_control
+from ldm.denoiser import batch_sigma
+from ldm.models.controlnet import ControlNet
+from ldm.models.t2i_adapter import T2IAdapter
+from ldm.pipeline import images as img
+
+HINT, FEATURE, STEP = "control_hint_", "control_feature_", "control_step"
+# the SDXL U-Net's extra conditions, which a ControlNet copy of it takes too
+_ADDED = ("text_embeds", "time_ids")
+
+
+@dataclass(frozen=True)
+class ControlModel:
+    """A loaded ControlNet or T2I-Adapter: what ``Pipeline.load_control`` returns."""
+
+    model: torch.nn.Module
+    kind: str                      # "ControlNet" or "T2I-Adapter"
+    name: str | None = None        # the file's stem or the folder's name (PNG metadata); None if built in memory
+
+    def __repr__(self) -> str:
+        return f"ControlModel({self.kind}, {self.name or 'in memory'})"
+
+
+def _as_model(model) -> ControlModel:
+    if isinstance(model, ControlModel):
+        return model
+    if isinstance(model, ControlNet):
+        return ControlModel(model, CONTROLNET)
+    if isinstance(model, T2IAdapter):
+        return ControlModel(model, T2I_ADAPTER)
+    raise ValueError(f"Control.model must be what pipe.load_control returns (or a ControlNet / T2IAdapter), got "
+                     f"{type(model).__name__}")
+
+
+@dataclass(frozen=True)
+class Control:
+    """One control unit of a request: a loaded model, its image, its weight and the fraction of the steps it acts
+    in. ``image``: a PIL image, a path, or a float array/tensor in [0, 1] of shape (H, W, 3) (or (H, W));
+    resized to the request's size (PIL: Lanczos; arrays: nearest, as diffusers' image processor does)."""
+
+    model: Any
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", _as_model(self.model))
+        for name in ("scale", "start", "end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"Control.{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"Control.start and Control.end must satisfy 0 <= start <= end <= 1, got "
+                             f"start={self.start}, end={self.end}")
+        if self.image is None:
+            raise ValueError("Control.image is required (a PIL image, a path, or an (H, W, 3) array in [0, 1])")
+
+    def active(self, step: int, steps: int) -> bool:
+        """Whether the unit acts at step ``step`` of ``steps`` (diffusers' control_guidance_start/end rule)."""
+        return self.start <= step / steps and (step + 1) / steps <= self.end
+
+
+def as_controls(control) -> list[Control]:
+    """``control=`` of a request: None, one Control, or a list of them."""
+    if control is None:
+        return []
+    controls = [control] if isinstance(control, Control) else list(control) if isinstance(control, (list, tuple)) \
+        else None
+    if controls is None or not all(isinstance(c, Control) for c in controls):
+        raise ValueError("control must be a Control or a list of Controls (from ldm import Control)")
+    return controls
+
+
+def prepare_image(image, height: int, width: int, channels: int = 3) -> torch.Tensor:
+    """(1, channels, height, width) float32 in [0, 1] from a PIL image, path or [0, 1] array/tensor (H, W[, C])."""
+    if isinstance(image, (str, os.PathLike)):
+        image = img.load_image(image, "control image")
+    if isinstance(image, Image.Image):
+        image = image.convert("L" if channels == 1 else "RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        x = torch.from_numpy(array.reshape(height, width, -1)).permute(2, 0, 1)[None]
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        x = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image.detach().cpu())
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        x = x[..., None] if x.ndim == 2 else x
+        if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"control image array must be (H, W, 3) or (H, W), got shape {tuple(x.shape)}")
+        x = x.float()[..., :3]
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise ValueError("control image array must hold finite values in [0, 1]")
+        x = x.permute(2, 0, 1)[None]
+        if tuple(x.shape[-2:]) != (height, width):
+            x = F.interpolate(x, size=(height, width))
+        if x.shape[1] != channels:
+            x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+    else:
+        raise ValueError(f"control image must be a PIL image, a path or an (H, W, 3) array in [0, 1], got "
+                         f"{type(image).__name__}")
+    return x.contiguous()
+
+
+def _channels(unit: ControlModel) -> int:
+    model = unit.model
+    return model.config.conditioning_channels if unit.kind == CONTROLNET else model.config.in_channels
+
+
+class _Controlled(torch.nn.Module):
+    """network(x, t, context, **cond) with the control units' residuals (see the module docstring). cond carries
+    ``control_hint_i`` (ControlNet i's image) or ``control_feature_i_k`` (adapter i's k-th feature map), one row
+    per U-Net row, and ``control_step`` (the sampler's step of each row)."""
+
+    def __init__(self, network, controls: list[Control], steps: int):
+        super().__init__()
+        self.network, self.controls, self.steps = network, controls, steps
+
+    def _weight(self, control: Control, step: torch.Tensor, like: torch.Tensor):
+        """The unit's weight for each row: its scale while it acts, else 0 (None: it acts on no row)."""
+        acts = [control.active(int(s), self.steps) for s in step.tolist()]
+        if not any(acts):
+            return None
+        if all(acts):
+            return control.scale
+        return torch.tensor([control.scale if a else 0.0 for a in acts], dtype=like.dtype,
+                            device=like.device).view(-1, 1, 1, 1)
+
+    def forward(self, x, t, context, **cond):
+        step = cond.pop(STEP)
+        inputs = {k: cond.pop(k) for k in list(cond) if k.startswith((HINT, FEATURE))}
+        added = {k: cond[k] for k in _ADDED if k in cond}
+        down = mid = features = None
+        for i, control in enumerate(self.controls):
+            weight = self._weight(control, step, x)
+            if weight is None:
+                continue
+            if control.model.kind == CONTROLNET:
+                d, m = control.model.model(x, t, context, inputs[f"{HINT}{i}"], **added)
+                d, m = [r * weight for r in d], m * weight
+                down = d if down is None else [a + b for a, b in zip(down, d)]
+                mid = m if mid is None else mid + m
+            else:
+                f = [inputs[f"{FEATURE}{i}_{k}"] * weight for k in range(self._features(i, inputs))]
+                features = f if features is None else [a + b for a, b in zip(features, f)]
+        if down is not None:
+            cond.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        if features is not None:
+            cond["down_intrablock_additional_residuals"] = features
+        return self.network(x, t, context, **cond)
+
+    @staticmethod
+    def _features(i: int, inputs: dict) -> int:
+        return sum(1 for k in inputs if k.startswith(f"{FEATURE}{i}_"))
+
+
+class _StepOf:
+    """D(x, σ, **cond) -> D(x, σ, control_step=i, **cond), i the step whose interval [σ_{i+1}, σ_i] holds σ."""
+
+    def __init__(self, denoiser, sigmas: torch.Tensor):
+        self.denoiser = denoiser
+        self.sigmas = sigmas[:-1].double()
+
+    def __call__(self, x, sigma, **cond):
+        s = batch_sigma(sigma, x).double().cpu()
+        step = (self.sigmas[None, :] >= s[:, None] * (1 - 1e-6)).sum(1).sub(1).clamp(min=0)
+        return self.denoiser(x, sigma, **cond, **{STEP: step})
+
+
+class ActiveControls:
+    """The units of one request, while it runs: wraps the pipeline's network and denoiser (core.Pipeline.denoiser)."""
+
+    def __init__(self, controls: list[Control], sigmas: torch.Tensor):
+        self.controls, self.sigmas = controls, sigmas
+
+    def network(self, network):
+        return _Controlled(network, self.controls, len(self.sigmas) - 1)
+
+    def denoiser(self, denoiser):
+        return _StepOf(denoiser, self.sigmas)
+
+
+def check_units(pipe, controls: list[Control]) -> None:
+    """Each unit fits this pipeline (a model loaded for another pipeline is refused here, before any work)."""
+    for i, control in enumerate(controls):
+        model = control.model.model
+        if control.model.kind == CONTROLNET:
+            mine, theirs = model.config.unet.per_level("cross_attention_dim"), \
+                pipe.unet.config.per_level("cross_attention_dim")
+            if mine != theirs or model.config.unet.in_channels != pipe.latent_channels:
+                raise ValueError(f"control[{i}]: {control.model} does not fit this pipeline's U-Net")
+
+
+@contextlib.contextmanager
+def controlling(pipe, control, req, sigmas: torch.Tensor):
+    """While a request runs: the pipeline's denoiser carries the units; yields the extra conditions (one row per
+    image) to pass to ``guided_denoiser``."""
+    controls = as_controls(control)
+    if not controls:
+        yield {}
+        return
+    check_units(pipe, controls)
+    extra = {}
+    with torch.no_grad():
+        for i, c in enumerate(controls):
+            c.model.model.to(device=pipe.device, dtype=pipe.dtype)
+            hint = prepare_image(c.image, req.height, req.width, _channels(c.model)).to(pipe.device)
+            if c.model.kind == CONTROLNET:
+                extra[f"{HINT}{i}"] = hint.expand(req.batch, -1, -1, -1)
+                continue
+            # once per image, on its one row: every image's features are the same bits whatever the batch
+            for k, feature in enumerate(c.model.model(hint)):
+                extra[f"{FEATURE}{i}_{k}"] = feature.expand(req.batch, *feature.shape[1:])
+    previous = pipe._controls, pipe._network
+    pipe._controls = ActiveControls(controls, sigmas)
+    if getattr(pipe, "backend", "torch") != "torch":   # a whole-graph backend's U-Net takes no residuals
+        pipe._network = pipe.unet
+    try:
+        yield extra
+    finally:
+        pipe._controls, pipe._network = previous
+
+
+def load_unit(pipe, path, **options) -> ControlModel:
+    """``Pipeline.load_control``: a ControlNet / T2I-Adapter file or folder, checked against the pipeline's U-Net."""
+    if options:
+        raise TypeError(f"load_control: unexpected option(s) {', '.join(sorted(options))} (image_encoder is for "
+                        "IP-Adapters, which ldm does not load yet)")
+    path = Path(path)
+    model = load_control(path, pipe.unet, dtype=pipe.dtype, latent_factor=pipe.vae_scale_factor)
+    model.to(device=pipe.device, dtype=pipe.dtype)
+    kind = CONTROLNET if isinstance(model, ControlNet) else T2I_ADAPTER
+    return ControlModel(model, kind, path.stem if path.is_file() else path.name)
