@@ -123,18 +123,19 @@ def make_sdxl_folder(folder: Path, seed: int = 0, dtype=torch.float32) -> Path:
 
 def load_pipeline(lib: str, folder, *, device: str = "cpu", batch_invariant: bool = True, lean: bool = True,
                   prepack: bool = True, dtype: str | None = None, vae_dtype: str = "float32",
-                  micro_batch: int | None = None, compile: bool = False):
+                  micro_batch: int | None = None, compile: bool = False, backend: str | None = None):
     """(pipe, generate) for ``lib`` "ldm" (ldm.Pipeline) or "diffusers" (the folder's pipeline class,
     StableDiffusionPipeline or StableDiffusionXLPipeline, in float32, with DPMSolverMultistepScheduler) on ``folder``; ``generate(prompts, steps, size)`` samples both alike:
     DPM-Solver++ 2M, guidance 7.5, seed 0, float arrays out. ``dtype``, ``vae_dtype``, ``micro_batch``: ldm's
-    options of those names (None: its defaults); ``compile``: ldm's ``compile=True`` (torch.compile of the U-Net)."""
+    options of those names (None: its defaults); ``compile``: ldm's ``compile=True`` (torch.compile of the U-Net);
+    ``backend``: ldm's ``backend=`` ("torch", "openvino"; None: its default, "auto")."""
     if lib == "ldm":
         import ldm
         from ldm.models.conv import Conv2d
 
         Conv2d.prepack = prepack
         pipe = ldm.Pipeline.from_pretrained(folder, device=device, lean=lean, dtype=dtype, vae_dtype=vae_dtype,
-                                            compile=compile)
+                                            compile=compile, backend=backend)
         pipe.batch_invariant = batch_invariant
         if micro_batch is not None:
             pipe.micro_batch = micro_batch

@@ -62,7 +62,7 @@ def child(a) -> None:
     pipe, load = bc.load_pipeline(a.lib, a.folder, device="cuda" if cuda else "cpu",
                                batch_invariant=bool(a.batch_invariant), lean=bool(a.lean), prepack=bool(a.prepack),
                                dtype=a.dtype, vae_dtype=a.vae_dtype, micro_batch=a.micro_batch,
-                               compile=bool(a.compile))
+                               compile=bool(a.compile), backend=a.backend)
 
     def generate():
         return load(prompts, a.steps, size)
@@ -98,8 +98,14 @@ def child(a) -> None:
 # name -> (label, child args) of every measurable setting; "openvino-*" run scripts/bench_openvino.py
 SETTINGS = {
     "diffusers": ("diffusers", ["--lib", "diffusers"]),
-    "ldm-lean": ("ldm defaults (fp32, batch_invariant, lean)",
+    "ldm-lean": ("ldm defaults (fp32, batch_invariant, lean; backend auto)",
                  ["--lib", "ldm", "--batch-invariant", "1", "--lean", "1"]),
+    "ldm-auto": ("ldm dtype='auto' (backend auto)", ["--lib", "ldm", "--dtype", "auto"]),
+    "ldm-torch": ("ldm fp32, backend='torch' (PyTorch eager)", ["--lib", "ldm", "--backend", "torch"]),
+    "ldm-torch-bf16-vae": ("ldm bf16 + VAE bf16, backend='torch'",
+                           ["--lib", "ldm", "--backend", "torch", "--dtype", "bfloat16", "--vae-dtype", "bfloat16"]),
+    "ldm-ov-bf16-vae": ("ldm bf16 + VAE bf16, backend='openvino'",
+                        ["--lib", "ldm", "--backend", "openvino", "--dtype", "bfloat16", "--vae-dtype", "bfloat16"]),
     "ldm-mb1": ("ldm (fp32, batch_invariant, micro_batch=1)", ["--lib", "ldm", "--micro-batch", "1"]),
     "ldm-mb4": ("ldm (fp32, batch_invariant, micro_batch=4)", ["--lib", "ldm", "--micro-batch", "4"]),
     "ldm-lean-batched": ("ldm (fp32, batch_invariant=False, lean)",
@@ -173,6 +179,7 @@ def main() -> None:
     p.add_argument("--vae-dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--micro-batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     p.add_argument("--lib", default="ldm", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--batch-invariant", type=int, default=1, help=argparse.SUPPRESS)

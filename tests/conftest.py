@@ -5,6 +5,7 @@ top of ldm/). The helpers they share (tiny_models.py, gaussian.py, ...) sit here
 this folder on sys.path for them.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Pipelines in the tests run on PyTorch unless a test asks for backend="openvino" (tests/pipeline/
+# test_openvino_backend.py): converting every tiny model the suite builds would cost seconds each. The cache of
+# converted graphs goes to a folder of the session's own, never the user's.
+os.environ.setdefault("LDM_BACKEND", "torch")
 
 
 @pytest.fixture

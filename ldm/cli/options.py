@@ -11,12 +11,18 @@ class UsageError(Exception):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
-    parser.add_argument("--model", metavar="PATH", help="SD .safetensors/.ckpt file or diffusers folder "
-                        "(default: the shipped model)")
+    parser.add_argument("--model", metavar="PATH", help="model file or folder (default: the shipped model)")
     parser.add_argument("--device", metavar="D", help="cpu (default), cuda, cuda:N, mps")
     if dtype:
         # "auto" is how to turn speed on (README): bf16 on CPUs with AMX or AVX-512 BF16, fp16 on CUDA
         parser.add_argument("--dtype", metavar="T", help="auto (fast: bf16 CPU, fp16 CUDA), float32 (default)")
+    parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default=None,
+                        help="CPU runtime of the U-Net and VAE decoder: auto (default: OpenVINO when installed, "
+                             "$LDM_BACKEND overrides), torch, openvino")
+
+
+def add_vae_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vae", metavar="PATH", help="an SD/SDXL VAE file or folder, or TAESD, to swap in")
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,11 +43,13 @@ def prompt_options(args) -> dict:
 
 
 def pipeline_from(args, **kwargs):
-    """The Pipeline for ``--model/--device/--dtype`` (names are checked before any weights load)."""
+    """The Pipeline for ``--model/--device/--dtype`` (names are checked before any weights load), with the
+    ``--vae`` of commands that take one swapped in."""
     from ldm.pipeline import load_pipeline  # only the commands that draw pay for importing torch
 
-    return load_pipeline(args.model, device=args.device, dtype=getattr(args, "dtype", None),
-                         **prompt_options(args), **kwargs)
+    pipe = load_pipeline(args.model, device=args.device, dtype=getattr(args, "dtype", None),
+                         backend=getattr(args, "backend", None), **prompt_options(args), **kwargs)
+    return pipe.load_vae(args.vae) if getattr(args, "vae", None) else pipe
 
 
 def _parsed(text: str, kind, label: str = ""):

@@ -274,7 +274,8 @@ def unpack(module: nn.Module) -> nn.Module:
 def inference_layout(x: torch.Tensor) -> torch.Tensor:
     """x in channels-last order when a network runs CPU inference on it (no autograd, `Conv2d.channels_last`),
     else x itself; see the module docstring."""
-    if Conv2d.channels_last and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4:
+    if (Conv2d.channels_last and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and x.device.type == "cpu" and x.dim() == 4):
         return x.contiguous(memory_format=torch.channels_last)
     return x
 

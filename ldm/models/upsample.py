@@ -81,7 +81,7 @@ class Upsample(nn.Module):
         return (self.subpixel and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and x.device.type == "cpu" and x.dim() == 4
                 and (size is None or tuple(size) == (2 * h, 2 * w)) and x.dtype in PACKED_DTYPES
-                and self.conv.weight.dtype == x.dtype and 4 * h * w >= SUBPIXEL_MIN_POSITIONS)
+                and self.conv._plain_weight().dtype == x.dtype and 4 * h * w >= SUBPIXEL_MIN_POSITIONS)
 
     def _folded(self) -> torch.Tensor:
         """The folded kernel, made once per weight (remade when the weight's storage or version changes)."""

@@ -258,15 +258,19 @@ class AutoencoderKL(nn.Module):
         dtype None -> float32 when config.force_upcast (the default), else the weights' dtype. If the decoder's
         weights are in another dtype they are converted once, in place (as diffusers' force_upcast does)."""
         dtype = dtype or (torch.float32 if self.config.force_upcast else self.dtype)
-        if self.decoder.conv_in.weight.dtype != dtype:
-            self.decoder.to(dtype)
-            if self.post_quant_conv is not None:
-                self.post_quant_conv.to(dtype)
+        self.set_decoder_dtype(dtype)
         z = z.to(dtype)
         tile, tile_latent = self.tile_size, self.tile_size // self.config.downscale
         if self.tiling and max(z.shape[-2:]) > tile_latent:
             return apply_tiled(self._image, z, tile_latent, tile)
         return self._image(z)
+
+    def set_decoder_dtype(self, dtype: torch.dtype) -> None:
+        """Convert the decoder (and post_quant_conv) to `dtype`, once, in place (as diffusers' force_upcast)."""
+        if self.decoder.conv_in.weight.dtype != dtype:
+            self.decoder.to(dtype)
+            if self.post_quant_conv is not None:
+                self.post_quant_conv.to(dtype)
 
     def forward(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
         """Reconstruction: decode(sample or mode of encode(x))."""
