@@ -158,7 +158,7 @@ def infer_controlnet(path, shapes: dict, layout: str, base: UNetConfig | None) -
     elif context == 768:
         heads = SD1_HEADS
     else:
-        heads = [w // HEAD_CHANNELS for w in widths]
+        heads = [max(1, w // HEAD_CHANNELS) for w in widths]
     config = {
         "in_channels": s[conv_in][1],
         "block_out_channels": widths,
