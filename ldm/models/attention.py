@@ -150,7 +150,8 @@ class Attention(nn.Module):
         parameters (identity, storage, in-place version) are unchanged: exactly what a fresh projection gives.
         Layers whose weight is computed (a parametrization such as LoRA) or hooked are never cached."""
         layers = (self.to_k, self.to_v)
-        if torch.is_grad_enabled() or not self.cache_kv or any(_computed(layer) for layer in layers):
+        if (torch.is_grad_enabled() or not self.cache_kv or torch.compiler.is_compiling()
+                or any(_computed(layer) for layer in layers)):
             return self.to_k(context), self.to_v(context)
         params = [(id(p), p.data_ptr(), p._version) for layer in layers for p in layer.parameters()]
         cached = self.__dict__.get("_kv_cache")

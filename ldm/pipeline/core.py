@@ -35,10 +35,11 @@ from ldm.pipeline.applications import Applications
 from ldm.pipeline.conditioning import SizeConditioning, TextConditioner
 from ldm.pipeline.control import controlling, load_unit
 from ldm.pipeline.memory import check_memory
+from ldm.pipeline.openvino_backend import OpenVINONetwork, resolve_backend, unet_runner, vae_runner
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
 from ldm.pipeline.request import Request, as_negatives, as_prompts, as_seeds, finite, positive_int
 from ldm.rng import generators_for, randn
-from ldm.samplers import get_sampler
+from ldm.samplers import get_sampler, resolve_spacing, sampler_sigmas
 from ldm.schedules import NoiseSchedule
 
 # Stable Diffusion's usual settings, for what a model's Components.defaults (its ldm.json) does not say. Keys read
@@ -62,7 +63,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
     def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=torch.float32, compile=False,
                  source: str | Path | None = None, lean: bool | None = None, emphasis: bool = True,
                  lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
-                 lora_strict: bool = True):
+                 lora_strict: bool = True, backend: str | None = None):
         """``Pipeline()`` loads the shipped default model; ``components`` (``ldm.checkpoints.Components``) wraps
         models already in memory. ``dtype``: None = float32 (identical images everywhere); "auto" = the fast one
         for the device (``ldm.devices.auto_dtype``: bf16 on CPUs with native bf16, fp16 on CUDA). ``vae_dtype``
@@ -74,7 +75,9 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         ``emphasis``: read prompts in A1111's syntax (``ldm.pipeline.prompting``); ``lora_dir``: where
         ``<lora:NAME:W>`` tags find NAME.safetensors; ``embeddings_dir``: textual-inversion files loaded now,
         each under its file's stem. ``compile``: run the U-Net through torch.compile (the first call at each
-        batch and size compiles, tens of seconds on a CPU; what it buys: docs/benchmarks.md)."""
+        batch and size compiles, tens of seconds on a CPU; what it buys: docs/benchmarks.md). ``backend``: "auto"
+        (default; $LDM_BACKEND overrides it): OpenVINO runs the U-Net and the VAE decoder on the CPU when it is
+        installed, PyTorch otherwise; or "torch" / "openvino" (``ldm.pipeline.openvino_backend``)."""
         self.device = resolve_device(device)
         self.dtype, self.vae_dtype = resolve_dtype(dtype, self.device), resolve_dtype(vae_dtype, self.device)
         if components is None:
@@ -100,6 +103,9 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         # set_lean stay live); the U-Net keeps its plain weights, which the compiler's convolutions read.
         self.compiled = bool(compile)
         self._network: Callable = torch.compile(self.unet, dynamic=False) if compile else self.unet
+        self.backend = "torch" if compile else resolve_backend(backend, self.device)
+        if self.backend == "openvino":
+            self._network = OpenVINONetwork(self.unet, self.dtype, name="unet")
         self._offload: torch.device | None = None
         # Run the U-Net on groups of at most `micro_batch` images, never on a single row, so that an image's
         # floating-point arithmetic never depends on what else is in the batch (CPU kernels pick blockings by
@@ -119,7 +125,8 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         """Keep only the packed copy of the U-Net's and VAE's convolution weights (True), or both copies and the
         plain weights always in place (False); see ``__init__``. Returns self."""
         for module in (self.unet, self.vae):
-            (pack_for_inference if lean and not (self.compiled and module is self.unet) else unpack)(module)
+            whole_graph = self.compiled or self.backend == "openvino"    # reads the plain weights
+            (pack_for_inference if lean and not (whole_graph and module is self.unet) else unpack)(module)
         self.lean = lean
         return self
 
@@ -188,8 +195,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         steps = positive_int(self.defaults["steps"] if steps is None else steps, "steps")
         guidance = finite(self.defaults["guidance"] if guidance is None else guidance, "guidance")
         sampler_fn = get_sampler(sampler)
-        if spacing is not None and spacing not in (*CONTINUOUS_SPACINGS, "leading", "trailing", "linspace"):
-            raise ValueError(f"unknown spacing {spacing!r}; use leading, trailing, linspace, karras or exponential")
+        spacing = resolve_spacing(sampler, spacing, getattr(getattr(self.components, "info", None), "family", None))
         eta = finite(eta, "eta")
         if eta < 0 or (eta and "eta" not in inspect.signature(sampler_fn).parameters):
             raise ValueError(f"eta={eta} is not valid for sampler {sampler!r} (eta >= 0, for samplers that take it)")
@@ -203,6 +209,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
             raise ValueError(f"sizes must be a SizeConditioning, got {type(sizes).__name__}")
         req = Request(prompts, negatives, as_seeds(seed, len(prompts)), steps, guidance, sampler, spacing, eta,
                       height, width, float(guidance_rescale), clip_skip, given, sizes)
+        self.sigmas(req)  # a spacing that cannot lay out `steps` (lcm past its 50-step grid) is refused here
         check_memory(self, req)  # a request too big for the machine is refused here, not by the OOM killer
         return req
 
@@ -220,15 +227,9 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         return randn(shape, generators, device=self.device, dtype=torch.float32)
 
     def sigmas(self, req: Request) -> torch.Tensor:
-        """The model's σ schedule for this request. DDIM with set_alpha_to_one=False ends on σ at ᾱ_0 instead of
-        0, as diffusers' DDIMScheduler does (its last step lands on alphas_cumprod[0]). With "leading" and
-        "trailing" spacing this reproduces diffusers' DDIM; with "linspace" diffusers steps each t to
-        t − T/steps rather than to the next listed timestep, which no single σ sequence expresses, and ldm
-        keeps the consistent schedule."""
-        spacing = req.spacing or self.schedule.config.timestep_spacing
-        alpha0 = req.sampler == "ddim" and not self.schedule.config.set_alpha_to_one \
-            and spacing not in CONTINUOUS_SPACINGS
-        return self.schedule.sigmas_for(req.steps, spacing, final="alpha0" if alpha0 else "zero")
+        """The model's σ schedule for this request, laid out as the sampler's diffusers scheduler lays it out
+        (``ldm.samplers.sampler_sigmas``: DDIM and TCD end on σ at ᾱ_0, as diffusers' do)."""
+        return sampler_sigmas(self.schedule, req.sampler, req.steps, req.spacing)
 
     def initial_scale(self, sigmas: torch.Tensor, spacing: str | None) -> float:
         """x_T = n · scale. On the discrete spacings a VP model starts from x_vp = n (diffusers' DDIM / DPM-Solver
@@ -257,7 +258,8 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         """D(x, σ, context, ...) -> x0 around the U-Net (the 9-channel one concatenates its extra inputs).
         ``blocks``: how many stacked copies of the image batch one call carries (2 under classifier-free
         guidance, [uncond; cond]); in batch-invariant mode an image's rows from every block run together."""
-        network = _InpaintingInput(self._network) if self.is_inpainting_model else self._network
+        network = unet_runner(self)
+        network = _InpaintingInput(network) if self.is_inpainting_model else network
         if self._controls is not None:
             network = self._controls.network(network)
         if self.batch_invariant:
@@ -293,6 +295,8 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         """Run the sampler from x at sigmas[0]; returns the VP sample (x / sqrt(1 + σ_last²) if σ_last > 0)."""
         fn = get_sampler(req.sampler)
         options = {"eta": req.eta} if req.eta else {}  # eta 0 leaves ancestral/SDE samplers at their default
+        if "schedule" in inspect.signature(fn).parameters:  # lcm/tcd read timesteps off the model's schedule
+            options["schedule"] = self.schedule
         steps = len(sigmas) - 1
         with tqdm(total=steps, desc=req.sampler, disable=not progress or steps == 0, leave=False) as bar:
             def on_step(info: dict[str, Any]) -> None:
@@ -319,8 +323,10 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         less; a half-precision decode that overflows to NaN/inf switches the VAE to float32, with a warning."""
         cfg = self.vae.config
         z = z.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        runner = vae_runner(self)    # OpenVINO, or None: the PyTorch decoder
         with torch.no_grad(), self.placed(self.vae):
-            out = torch.cat([self.vae.decode(r[None].to(self.device), dtype=self.vae_dtype).float() for r in z])
+            out = torch.cat([(runner or functools.partial(self.vae.decode, dtype=self.vae_dtype))(
+                r[None].to(self.device)).float() for r in z])
             if not torch.isfinite(out).all() and self.vae_dtype != torch.float32:
                 warnings.warn(f"the VAE decode in {dtype_name(self.vae_dtype)} gave NaN/inf; decoding in float32 "
                               "from now on", RuntimeWarning, stacklevel=3)
