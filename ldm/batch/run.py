@@ -40,6 +40,7 @@ from ldm.batch.prompt_file import PromptFile, long_prompts, read_prompt_file
 from ldm.files import check_writable, remove_temporaries, write_atomic
 from ldm.pipeline import load_pipeline
 from ldm.pipeline.png_info import JSON_KEY, PARAMETERS_KEY
+from ldm.pipeline.vae_swap import vae_metadata
 from ldm.samplers import get_sampler
 
 DEFAULT_BATCH_SIZE = 4
@@ -77,6 +78,7 @@ class BatchOptions:
     device: str | None = None
     dtype: str | None = None
     vae_tiling: bool = False
+    vae: str | None = None           # a VAE to swap in (Pipeline.load_vae)
 
 
 # ---------------------------------------------------------------------- the plan
@@ -173,6 +175,8 @@ def _plan_record(prompts: PromptFile, options: BatchOptions, pipe, items: list[I
     settings = {"num": options.num, "seed": options.seed, "negative": options.negative, "steps": options.steps,
                 "guidance": options.guidance, "sampler": options.sampler, "height": options.height, "width": options.width,
                 "model": pipe.model_hash or str(pipe.source), "dtype": str(pipe.dtype).removeprefix("torch.")}
+    if options.vae:     # only then, so that folders made before --vae existed still resume
+        settings["vae"] = vae_metadata(pipe).get("vae_hash") or options.vae
     by_line: dict[str, list[dict]] = {}
     for item in items:
         by_line.setdefault(str(item.line), []).append(asdict(item))
@@ -247,6 +251,8 @@ def run_batch(options: BatchOptions) -> int:
                          emphasis=not getattr(options, "no_emphasis", False),
                          lora_dir=getattr(options, "lora_dir", None), lora_strict=getattr(options, "strict", True),
                          embeddings_dir=getattr(options, "embeddings_dir", None))
+    if options.vae:
+        pipe.load_vae(options.vae)
     if options.vae_tiling:
         pipe.enable_vae_tiling()
     if world.rank == 0:     # a small model's text encoder may read fewer tokens than CLIP's 75

@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 
 from ldm.batch import DEFAULT_BATCH_SIZE, FORMATS, GRID, BatchOptions, run_batch
-from ldm.cli.options import add_model_arguments, add_prompt_arguments, image_side, number, positive_int, seed_int
+from ldm.cli.options import (add_model_arguments, add_prompt_arguments, add_vae_argument, image_side, number,
+                             positive_int, seed_int)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action="store_true", help=f"also write a contact sheet, DIR/{GRID}")
     p.add_argument("--vae-tiling", action="store_true", help="decode big images tile by tile (bounded memory)")
     add_model_arguments(p)
+    add_vae_argument(p)
     add_prompt_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 from ldm import assets
-from ldm.cli.options import (UsageError, add_model_arguments, add_prompt_arguments, image_side, number, pipeline_from,
-                             positive_int, seed_int)
+from ldm.cli.options import (UsageError, add_model_arguments, add_prompt_arguments, add_vae_argument, image_side,
+                             number, pipeline_from, positive_int, seed_int)
 
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,7 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=number, metavar="S", help="img2img/inpaint strength in [0, 1]")
     p.add_argument("--vae-tiling", action="store_true", help="decode big images tile by tile (bounded memory)")
     add_model_arguments(p)
+    add_vae_argument(p)
     add_prompt_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ldm.cli.options import UsageError, add_model_arguments, positive_int
+from ldm.cli.options import UsageError, add_model_arguments, add_vae_argument, positive_int
 
 EXTRA_HINT = "ldm serve needs FastAPI and uvicorn: pip install 'ldm-diffusion[serve]' (from a checkout: " \
              "pip install -e \".[serve]\")"
@@ -24,6 +24,7 @@ def port_number(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_vae_argument(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=port_number, default=7860, help="TCP port (default 7860, as A1111)")
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     devices = tuple(d.strip() or None for d in args.device.split(",")) if args.device else (None,)
     settings = ServeSettings(model=args.model, host=args.host, port=args.port, data=args.data,
                              api_key=args.api_key, max_queue=args.max_queue, max_size=args.max_size,
-                             max_steps=args.max_steps, devices=devices, dtype=args.dtype)
+                             max_steps=args.max_steps, devices=devices, dtype=args.dtype, vae=args.vae)
     server = Server(settings)
     again = f", {server.recovered} unfinished jobs resumed" if server.recovered else ""
     print(f"ldm serve: http://{args.host}:{args.port} (model {server.model_card()['model_name']}, "

@@ -184,11 +184,35 @@ def info(spec: JobSpec, infos: list[GenerationInfo], model: dict[str, Any]) -> s
         "width": spec.width, "height": spec.height, "sampler_name": A1111_SAMPLERS.get(spec.sampler, spec.sampler),
         "cfg_scale": spec.guidance, "steps": spec.steps, "batch_size": spec.batch_size, "n_iter": spec.n_iter,
         "restore_faces": False, "sd_model_name": model["model_name"], "sd_model_hash": model["hash"],
+        "sd_vae_name": first.vae if first else None, "sd_vae_hash": first.vae_hash if first else None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": spec.strength,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": [i.to_parameters() for i in infos],
         "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": first.clip_skip if first else None,
         "is_using_inpainting_conditioning": spec.mode == "inpaint", "version": "ldm",
     })
+
+
+def sd_vae(pipe) -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/sd-vae``: the VAEs a client may pick, as A1111 lists its models/VAE folder (file name and
+    path): the one ``--vae`` swapped in, or none (the model's own VAE, A1111's "Automatic")."""
+    loaded = getattr(pipe, "vae_file", None)
+    if loaded is None or pipe.vae is not loaded.vae:
+        return []
+    return [{"model_name": loaded.name, "filename": str(loaded.path)}]
+
+
+def vae_option(pipe) -> str:
+    """A1111's ``sd_vae`` option: the swapped-in VAE's name, or "Automatic" (the model's own)."""
+    return next((v["model_name"] for v in sd_vae(pipe)), "Automatic")
+
+
+def check_vae_option(pipe, wanted: Any) -> None:
+    """A client may set ``sd_vae`` to what is served (or "Automatic": A1111's default, which clients send back);
+    anything else is refused, naming the field (the server does not switch VAEs per request)."""
+    if wanted is None or wanted in ("Automatic", vae_option(pipe)):
+        return
+    raise FieldError("sd_vae", f"sd_vae {wanted!r}: this server decodes with {vae_option(pipe)!r} "
+                               "(start it with --vae PATH for another)")
 
 
 def png_info(image: Image.Image) -> dict[str, Any]:

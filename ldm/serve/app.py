@@ -146,11 +146,16 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
     async def sd_models() -> list[dict[str, Any]]:
         return [server.model_card()]
 
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae() -> list[dict[str, Any]]:
+        return a1111.sd_vae(server.pipe)
+
     @app.get("/sdapi/v1/options")
     async def get_options() -> dict[str, Any]:
         card = server.model_card()
         return {"sd_model_checkpoint": card["title"], "sd_checkpoint_hash": card["hash"], "samples_format": "png",
-                "eta_ddim": 0.0, "eta_ancestral": 1.0, "CLIP_stop_at_last_layers": 1, **server.options}
+                "eta_ddim": 0.0, "eta_ancestral": 1.0, "CLIP_stop_at_last_layers": 1,
+                "sd_vae": a1111.vae_option(server.pipe), **server.options}
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request) -> None:
@@ -162,17 +167,20 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
         if wanted is not None and wanted not in (card["title"], card["model_name"], card["hash"]):
             raise FieldError("sd_model_checkpoint", f"sd_model_checkpoint {wanted!r}: this server serves only "
                                                     f"{card['title']!r} (start another with --model)")
-        server.options.update({k: v for k, v in body.items() if k != "sd_model_checkpoint"})
+        a1111.check_vae_option(server.pipe, body.get("sd_vae"))
+        server.options.update({k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_vae")})
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
         p = server.progress()
+        if not skip_current_image and p.job_id:
+            p.want_preview = True     # the worker renders the next step's estimate for the next poll
         active = await asyncio.to_thread(server.queue.active)
         return {"progress": round(p.fraction, 4), "eta_relative": round(p.eta(), 3),
                 "state": {"skipped": False, "interrupted": p.job_id in p.cancelled, "job": p.job_id or "",
                           "job_count": active, "job_timestamp": "", "job_no": p.iteration,
                           "sampling_step": p.step, "sampling_steps": p.steps},
-                "current_image": None, "textinfo": None}
+                "current_image": None if skip_current_image or not p.job_id else p.preview, "textinfo": None}
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt() -> dict[str, Any]:

@@ -40,6 +40,7 @@ class ServeSettings:
     max_steps: int = 150
     devices: tuple[str | None, ...] = (None,)   # one worker per device; None: the pipeline's default (CPU)
     dtype: str | None = None
+    vae: str | None = None             # a VAE swapped into every pipeline (Pipeline.load_vae)
 
 
 class Server:
@@ -53,6 +54,8 @@ class Server:
         self.store = ImageStore(data)
         self.recovered = self.queue.recover()
         pipes = pipes or [load_pipeline(settings.model, device=d, dtype=settings.dtype) for d in settings.devices]
+        if settings.vae:
+            pipes = [p.load_vae(settings.vae) for p in pipes]
         self.pipe = pipes[0]  # checks requests (pipe.request reads configs only; no model runs on the loop)
         self.workers = [Worker(p, self.queue, self.store, self.notify, str(p.device)) for p in pipes]
         self.options: dict[str, Any] = {}

@@ -12,12 +12,15 @@ callback raises, the pass is abandoned, the job ends ``cancelled`` with the imag
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ldm.pipeline.vae_swap import preview_images
 from ldm.serve.jobs import Job, JobQueue
 from ldm.serve.spec import JobSpec
 from ldm.serve.store import ImageStore
@@ -40,6 +43,10 @@ class Progress:
     iterations: int = 0
     started: float = 0.0
     cancelled: set[str] = field(default_factory=set)
+    # live preview: a client asks (``want_preview``), the worker renders the next step's x0 estimate as a base64
+    # PNG (``ldm.pipeline.vae_swap.preview_images``: TAESD when loaded, else the linear approximation)
+    want_preview: bool = False
+    preview: str | None = None
 
     @property
     def fraction(self) -> float:
@@ -59,13 +66,13 @@ class Worker(threading.Thread):
         self.pipe, self.queue, self.store, self.notify = pipe, queue, store, notify
         self.progress = Progress()
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()   # (not _stop: threading.Thread has a _stop method, which join() calls)
 
     def wake(self) -> None:
         self._wake.set()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self._wake.set()
 
     def cancel(self, job_id: str | None = None) -> bool:
@@ -77,7 +84,7 @@ class Worker(threading.Thread):
         return False
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             job = self.queue.claim()
             if job is None:
                 self._wake.wait(IDLE_POLL_S)
@@ -134,6 +141,16 @@ class Worker(threading.Thread):
         if self.progress.job_id in self.progress.cancelled:
             raise Cancelled(self.progress.job_id)
         self.progress.step, self.progress.steps = info["i"] + 1, info["steps"]
+        if self.progress.want_preview:
+            self.progress.want_preview = False
+            images = preview_images(self.pipe, info["denoised"][:1])
+            self.progress.preview = _png_base64(images[0]) if images else None
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _one_line(error: BaseException) -> str:

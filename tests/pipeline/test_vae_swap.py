@@ -2,7 +2,9 @@
 and TAESD draw what diffusers draws with ``pipe.vae`` swapped; img2img encodes through TAESD; the PNG names the
 VAE as A1111 does; ``ldm generate --vae``; previews; wrong files are one clear error and keep the old VAE."""
 
+import base64
 import hashlib
+import io
 import json
 
 import numpy as np
@@ -17,6 +19,7 @@ from ldm.checkpoints.keys import scatter, vae_keymaps
 from ldm.models.taesd import AutoencoderTiny, original_key
 from ldm.pipeline.png_info import parse_parameters
 from ldm.pipeline.vae_swap import cheap_rgb, previews
+from ldm.serve.worker import Progress
 from tiny_models import perturb, tiny_vae_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -193,3 +196,69 @@ def test_previews_show_each_steps_estimate(folder, taesd):
     z[:, 3] = -1.0       # A1111's SD 1.5 factors: the 4th channel's negative is bluish
     rgb = cheap_rgb(z)[0, :, 0, 0]
     assert torch.allclose(rgb, torch.tensor([0.184, 0.271, 0.473]))
+
+
+def test_generate_and_batch_take_vae(folder, kl, tmp_path, capsys):
+    from ldm.cli import main
+
+    _, root = kl
+    vae = root / "vae-ft-tiny.safetensors"
+    size = ["--height", str(H), "--width", str(W), "--steps", "2", "--model", str(folder), "--vae", str(vae)]
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "a.png"), "--seed", "1", "-q", *size]) == 0
+    fields = parse_parameters(Image.open(tmp_path / "a.png").info["parameters"])
+    assert fields["VAE"] == vae.name and len(fields["VAE hash"]) == 10
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\n")
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "out"), "-q", *size]) == 0
+    png = next((tmp_path / "out").glob("*.png"))
+    assert parse_parameters(Image.open(png).info["parameters"])["VAE"] == vae.name
+    assert json.loads((tmp_path / "out" / "batch.json").read_text())["settings"]["vae"] == fields["VAE hash"]
+    capsys.readouterr()
+    status = main(["generate", PROMPT, "-o", str(tmp_path / "b.png"), *size[:-1], str(folder / "unet")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "not a VAE" in err[0] and not (tmp_path / "b.png").exists()
+
+
+def test_serve_lists_the_vae_and_names_it_in_infotexts(folder, taesd, tmp_path):
+    testclient = pytest.importorskip("fastapi.testclient")
+    from ldm.serve import Server, ServeSettings
+    from ldm.serve.app import create_app
+
+    _, root = taesd
+    settings = ServeSettings(model=str(folder), data=str(tmp_path / "data"), vae=str(root / "taesd_decoder.pth"))
+    server = Server(settings, pipes=[Pipeline.from_pretrained(folder)])
+    with testclient.TestClient(create_app(server)) as client:
+        assert client.get("/sdapi/v1/sd-vae").json() == [{"model_name": "taesd_decoder.pth",
+                                                          "filename": str(root / "taesd_decoder.pth")}]
+        assert client.get("/sdapi/v1/options").json()["sd_vae"] == "taesd_decoder.pth"
+        assert client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200
+        assert client.post("/sdapi/v1/options", json={"sd_vae": "other.safetensors"}).status_code == 422
+        body = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "width": W, "height": H,
+                                                      "seed": 1}).json()
+        info = json.loads(body["info"])
+        assert info["sd_vae_name"] == "taesd_decoder.pth" and "VAE: taesd_decoder.pth" in info["infotexts"][0]
+        # a progress poll asks the running job's worker for a preview and returns the last one rendered
+        worker = server.workers[0]
+        worker.progress = Progress("running-job", 1, 4, 0, 1, preview="UE5H")
+        body = client.get("/sdapi/v1/progress").json()
+        assert body["current_image"] == "UE5H" and worker.progress.want_preview
+        assert client.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
+        worker.progress = Progress()
+
+
+def test_the_worker_renders_a_preview_at_the_step_after_it_is_asked(folder, taesd):
+    from ldm.serve.worker import Worker
+
+    _, root = taesd
+    worker = Worker(Pipeline.from_pretrained(folder), queue=None, store=None, notify=lambda _: None)
+    worker.progress = Progress("job", 0, 3, 0, 1)
+    z = torch.randn(2, 4, H // 2, W // 2)
+    worker._on_step({"i": 0, "steps": 3, "denoised": z})
+    assert worker.progress.preview is None
+    for vae, size in ((None, (W // 2, H // 2)), (root / "taesd", (W, H))):
+        if vae is not None:
+            worker.pipe.load_vae(vae)
+        worker.progress.want_preview = True
+        worker._on_step({"i": 1, "steps": 3, "denoised": z})
+        image = Image.open(io.BytesIO(base64.b64decode(worker.progress.preview)))
+        assert image.format == "PNG" and image.size == size and not worker.progress.want_preview

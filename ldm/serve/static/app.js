@@ -69,6 +69,7 @@ async function generate(event) {
   } finally {
     button.disabled = false;
     $("bar").hidden = true;
+    $("preview").hidden = true;
     refreshQueue();
   }
 }
@@ -83,10 +84,22 @@ async function follow(id) {
       bar.value = job.progress.fraction;
       setStatus(`step ${job.progress.step}/${job.progress.steps}` +
         (job.progress.iterations > 1 ? `, pass ${job.progress.iteration + 1}/${job.progress.iterations}` : ""));
+      await showPreview(id);
     } else {
       setStatus(job.status + "…");
     }
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+  }
+}
+
+// The running step's estimate of the image (TAESD or a cheap linear map of the latents, rendered by the worker
+// when asked: each poll asks for the next one).
+async function showPreview(id) {
+  const progress = await api("GET", "/sdapi/v1/progress").catch(() => null);
+  const preview = $("preview");
+  if (progress && progress.state.job === id && progress.current_image) {
+    preview.src = `data:image/png;base64,${progress.current_image}`;
+    preview.hidden = false;
   }
 }
 
