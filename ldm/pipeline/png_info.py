@@ -43,9 +43,15 @@ A1111_SAMPLERS = {
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "unipc": "UniPC",
+    "lcm": "LCM",
+    "tcd": "TCD",
 }
 # ldm spacing -> A1111 "Schedule type:" (older versions appended it to the sampler name: "DPM++ 2M Karras").
-A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential"}
+A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform", "simple": "Simple",
+                   "beta": "Beta", "ays": "Align Your Steps"}
+# ... and as written: "Align Your Steps" names both tables (read back, "ays" resolves to the model's own).
+SCHEDULE_LABELS = {**A1111_SCHEDULES, "ays_sdxl": "Align Your Steps"}
 
 
 @dataclass
@@ -89,8 +95,8 @@ class GenerationInfo:
         """The A1111 infotext: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
         sampler = A1111_SAMPLERS.get(self.sampler, self.sampler)
         pairs: list[tuple[str, Any]] = [("Steps", self.steps), ("Sampler", sampler)]
-        if self.spacing in A1111_SCHEDULES:
-            pairs.append(("Schedule type", A1111_SCHEDULES[self.spacing]))
+        if self.spacing in SCHEDULE_LABELS:
+            pairs.append(("Schedule type", SCHEDULE_LABELS[self.spacing]))
         pairs += [("CFG scale", _number(self.guidance)), ("Seed", self.seed), ("Size", f"{self.width}x{self.height}")]
         if self.model_hash:
             pairs.append(("Model hash", self.model_hash))

@@ -27,8 +27,10 @@ from ldm.samplers.classic import ddim, ddpm, dpm_2, dpmpp_2m, dpmpp_2m_sde, eule
 from ldm.samplers.consistency import lcm, tcd
 from ldm.samplers.multistep import dpmpp_3m_sde, lms, unipc
 from ldm.samplers.singlestep import dpmpp_2s_a, dpmpp_sde
+from ldm.schedules import CONTINUOUS_SPACINGS, SPACINGS, NoiseSchedule, spacing_for_family
 
-__all__ = ["SAMPLERS", "UnknownSamplerError", "check_sigmas", "get_sampler", "schedule_hints_of"]
+__all__ = ["SAMPLERS", "UnknownSamplerError", "check_sigmas", "get_sampler", "resolve_spacing", "sampler_sigmas",
+           "schedule_hints_of"]
 
 
 class UnknownSamplerError(KeyError, ValueError):
@@ -59,3 +61,27 @@ def schedule_hints_of(name: str) -> dict:
     """The σ layout the sampler's reference scheduler uses where the caller names none: {"spacing": ...,
     "final": "alpha0", "convention": ...}, each key only where it differs from the model's own (``base``)."""
     return dict(getattr(SAMPLERS[name], "schedule_hints", {}))
+
+
+def resolve_spacing(name: str, spacing: str | None, family: str | None = None) -> str | None:
+    """The spacing a run of sampler `name` uses: `spacing` if given (ValueError listing the known ones if it is
+    unknown), else the sampler's own (lcm/tcd: LCM's grid), else None (the model's); "ays" becomes the model
+    family's Align Your Steps table (``ldm.schedules.spacing_for_family``)."""
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; known spacings: {', '.join(SPACINGS)}")
+    return spacing_for_family(spacing or schedule_hints_of(name).get("spacing"), family)
+
+
+def sampler_sigmas(schedule: NoiseSchedule, name: str, steps: int, spacing: str | None = None) -> Tensor:
+    """The σ list sampler `name` runs on for `steps` steps of `spacing` (None: the schedule's own), laid out as
+    its diffusers scheduler does. DDIM with set_alpha_to_one=False ends on σ at ᾱ_0 instead of 0, as
+    DDIMScheduler does (its last step lands on alphas_cumprod[0]), and TCD always does (TCDScheduler's last
+    step lands on its s = 0). With "leading" and "trailing" spacing this reproduces diffusers' DDIM; with
+    "linspace" diffusers steps each t to t − T/steps rather than to the next listed timestep, which no single σ
+    sequence expresses, and ldm keeps the consistent schedule. UniPC lays out "leading" and "linspace" over
+    steps + 1 points, as DPM-Solver's schedulers do (``NoiseSchedule.timesteps``)."""
+    spacing = spacing or schedule.config.timestep_spacing
+    hints = schedule_hints_of(name)
+    alpha0 = hints.get("final") == "alpha0" or (name == "ddim" and not schedule.config.set_alpha_to_one)
+    return schedule.sigmas_for(steps, spacing, final="alpha0" if alpha0 and spacing not in CONTINUOUS_SPACINGS
+                               else "zero", convention=hints.get("convention", "ddim"))

@@ -24,8 +24,8 @@ from typing import Any
 
 from PIL import Image
 
-from ldm.pipeline.png_info import (A1111_SAMPLERS, A1111_SCHEDULES, JSON_KEY, PARAMETERS_KEY, GenerationInfo,
-                                   info_from_parameters, parse_parameters)
+from ldm.pipeline.png_info import (A1111_SAMPLERS, A1111_SCHEDULES, JSON_KEY, PARAMETERS_KEY, SCHEDULE_LABELS,
+                                   GenerationInfo, info_from_parameters, parse_parameters)
 from ldm.samplers import SAMPLERS
 from ldm.serve.spec import FieldError, JobSpec, random_seed
 
@@ -34,8 +34,12 @@ NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "num": "batch_size"
          "spacing": "scheduler"}
 # Fields that change the image in ways ldm does not reproduce: refused when "on" (truthy).
 UNSUPPORTED = ("enable_hr", "restore_faces", "tiling", "subseed_strength", "alwayson_scripts", "script_name")
-# A1111 scheduler names/labels -> ldm spacing (None: the model's own timesteps).
-SCHEDULERS = {"automatic": None, "uniform": None, **{k: k for k in A1111_SCHEDULES}}
+# A1111's scheduler names (modules/sd_schedulers.py) where they are not ldm's spacing names.
+A1111_SCHEDULER_NAMES = {"ays": "align_your_steps"}
+# A1111 scheduler names and labels, lower case -> ldm spacing (None: the model's own timesteps).
+SCHEDULERS = {"automatic": None, "uniform": None, **{k: k for k in A1111_SCHEDULES},
+              **{label.lower(): k for k, label in A1111_SCHEDULES.items()},
+              **{name: k for k, name in A1111_SCHEDULER_NAMES.items()}}
 SAMPLER_BY_LABEL = {label.lower(): name for name, label in A1111_SAMPLERS.items() if name in SAMPLERS}
 MAX_IMAGE_BYTES = 32 << 20  # one base64 image's decoded size
 
@@ -48,7 +52,8 @@ def samplers() -> list[dict[str, Any]]:
 
 def schedulers() -> list[dict[str, Any]]:
     """``GET /sdapi/v1/schedulers``: the schedule types ldm can apply."""
-    labels = {"automatic": "Automatic", "uniform": "Uniform", **A1111_SCHEDULES}
+    labels = {"automatic": "Automatic", "uniform": "Uniform",
+              **{A1111_SCHEDULER_NAMES.get(k, k): label for k, label in A1111_SCHEDULES.items()}}
     return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
             for name, label in labels.items()]
 
@@ -165,7 +170,7 @@ def parameters(body: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
     resolved = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": spec.seed,
                 "steps": spec.steps, "cfg_scale": spec.guidance, "width": spec.width, "height": spec.height,
                 "sampler_name": A1111_SAMPLERS.get(spec.sampler, spec.sampler),
-                "scheduler": A1111_SCHEDULES.get(spec.spacing or "", "Automatic"), "batch_size": spec.batch_size,
+                "scheduler": SCHEDULE_LABELS.get(spec.spacing or "", "Automatic"), "batch_size": spec.batch_size,
                 "n_iter": spec.n_iter, "eta": spec.eta or None}
     if spec.strength is not None:
         resolved["denoising_strength"] = spec.strength

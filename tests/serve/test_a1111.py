@@ -147,7 +147,7 @@ def test_progress_reports_steps_and_interrupt_stops_the_running_job(server):
 
 
 BAD = [({"width": 65}, "width"), ({"height": 0}, "height"), ({"steps": 0}, "steps"), ({"steps": "x"}, "steps"),
-       ({"sampler_name": "Nope"}, "sampler_name"), ({"scheduler": "Beta"}, "scheduler"),
+       ({"sampler_name": "Nope"}, "sampler_name"), ({"scheduler": "KL Optimal"}, "scheduler"),
        ({"cfg_scale": "x"}, "cfg_scale"),
        ({"seed": -2}, "seed"), ({"batch_size": 0}, "batch_size"), ({"n_iter": 100}, "batch_size"),
        ({"enable_hr": True}, "enable_hr"), ({"prompt": 3}, "prompt"), ({"steps": 151}, "steps"),

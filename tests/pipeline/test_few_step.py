@@ -1,0 +1,88 @@
+"""The few-step recipes and the newer samplers through the whole pipeline: the same latents (and, for the stochastic
+ones, the same generator) give diffusers' StableDiffusionPipeline's images with the matching scheduler."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ldm import Pipeline
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PROMPT = "a turtle playing basketball"
+
+
+@pytest.fixture(scope="module")
+def pipes(sd1_folder):
+    from diffusers import StableDiffusionPipeline
+
+    theirs = StableDiffusionPipeline.from_pretrained(sd1_folder)
+    theirs.set_progress_bar_config(disable=True)
+    return Pipeline.from_pretrained(sd1_folder), theirs
+
+
+# (ldm call, diffusers scheduler class, its config changes, steps, guidance, eta)
+CASES = [
+    ("lcm", None, "LCMScheduler", {}, 1, 1.5, 0.0),
+    ("lcm", None, "LCMScheduler", {}, 4, 1.0, 0.0),
+    ("tcd", None, "TCDScheduler", {}, 4, 1.5, 0.0),
+    ("tcd", None, "TCDScheduler", {}, 4, 1.0, 0.3),
+    ("unipc", None, "UniPCMultistepScheduler", {}, 8, 7.5, 0.0),
+    ("lms", None, "LMSDiscreteScheduler", {}, 10, 7.5, 0.0),
+    ("euler", "trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, 4, 1.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("sampler,spacing,cls,changes,steps,guidance,eta", CASES)
+def test_matches_diffusers(pipes, sampler, spacing, cls, changes, steps, guidance, eta):
+    import diffusers
+
+    ours, theirs = pipes
+    theirs.scheduler = getattr(diffusers, cls).from_config({**theirs.scheduler.config, **changes})
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = theirs(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=latents, height=16,
+                      width=16, output_type="np", eta=eta, generator=torch.Generator().manual_seed(11)).images
+    got = ours(PROMPT, steps=steps, guidance=guidance, sampler=sampler, spacing=spacing, eta=eta, seed=11,
+               latents=latents, height=16, width=16, output_type="np", progress=False)
+    assert np.abs(got - expected).max() <= 2 / 255, np.abs(got - expected).max()
+
+
+def test_lcm_and_tcd_use_the_lcm_grid_and_record_it(pipes):
+    ours, _ = pipes
+    seen = []
+    images = ours(PROMPT, steps=4, guidance=1.0, sampler="lcm", seed=0, height=16, width=16, progress=False,
+                  callback=seen.append)
+    grid = ours.schedule.sigmas_for(4, "lcm")
+    assert [info["sigma"] for info in seen] == grid[:-1].tolist()
+    assert json.loads(images[0].info["ldm"])["spacing"] == "lcm"
+    assert "Sampler: LCM" in images[0].info["parameters"]
+
+
+@pytest.mark.parametrize("spacing", ["sgm_uniform", "simple", "beta", "ays"])
+def test_community_spacings_run_and_are_recorded(pipes, spacing):
+    ours, _ = pipes
+    seen = []
+    images = ours(PROMPT, steps=5, sampler="dpmpp_2m", spacing=spacing, seed=0, height=16, width=16,
+                  progress=False, callback=seen.append)
+    assert [info["sigma"] for info in seen] == ours.schedule.sigmas_for(5, spacing)[:-1].tolist()
+    label = {"sgm_uniform": "SGM Uniform", "simple": "Simple", "beta": "Beta", "ays": "Align Your Steps"}[spacing]
+    assert f"Schedule type: {label}" in images[0].info["parameters"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sampler="lcm", steps=51), r"lcm spacing has at most 50 steps"),
+    (dict(sampler="euler", spacing="lcm", steps=60), r"lcm spacing has at most 50 steps"),
+    (dict(spacing="ays_sd3"), r"unknown spacing 'ays_sd3'; known spacings: leading, .*beta, ays, ays_sdxl"),
+])
+def test_bad_few_step_requests_fail_before_any_model_runs(pipes, monkeypatch, kwargs, match):
+    ours, _ = pipes
+
+    def forbidden(*args, **kw):
+        raise AssertionError("a model ran before the input was checked")
+
+    for module in (ours.unet, ours.vae, ours.text_encoder):
+        monkeypatch.setattr(module, "forward", forbidden)
+    monkeypatch.setattr(ours, "_network", forbidden)
+    with pytest.raises(ValueError, match=match):
+        ours.request(PROMPT, **{"height": 16, "width": 16, **kwargs})
