@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.pipeline import images as img
+from ldm.pipeline.control import as_controls, controlling
 
 # keyword options that run a request rather than describe it
-_RUN_OPTIONS = ("callback", "progress", "output_type")
+_RUN_OPTIONS = ("callback", "progress", "output_type", "control")
 
 
 class Applications:
@@ -28,8 +29,8 @@ class Applications:
     def img2img(self, prompt, image, strength: float = 0.8, **options):
         """Redraw ``image`` toward ``prompt``: noise its latents to the σ a fraction ``strength`` into the schedule,
         then denoise. strength 0 returns the image's VAE round trip, 1 keeps almost nothing of it. ``options``:
-        the keyword arguments of ``Pipeline.__call__`` (negative_prompt, steps, guidance, sampler, seed, ...;
-        height/width resize the image)."""
+        the keyword arguments of ``Pipeline.__call__`` (negative_prompt, steps, guidance, sampler, seed, control,
+        ...; height/width resize the image). A control unit's start/end are fractions of the steps run here."""
         source, req, run = self._image_request(prompt, image, options)
         strength = _unit_interval(strength, "strength")
         z0 = self._repeat(self.encode_images(img.to_tensor(source)), req.batch)
@@ -82,6 +83,8 @@ class Applications:
         from there. Guidance defaults to 1 (no CFG) and the prompt to ""."""
         options.setdefault("guidance", 1.0)
         source, req, run = self._image_request(prompt, image, options)
+        if run["control"]:
+            raise TypeError("denoise() takes no control (use img2img with control=)")
         pixels = img.to_tensor(source)
         sigma_px = estimate_noise(pixels) if noise_level is None else float(noise_level)
         if not 0.0 <= sigma_px <= 1.0:
@@ -162,7 +165,7 @@ class Applications:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         source = img.load_image(image)
         run = {"callback": options.pop("callback", None), "progress": options.pop("progress", True),
-               "output_type": options.pop("output_type", "pil")}
+               "output_type": options.pop("output_type", "pil"), "control": as_controls(options.pop("control", None))}
         height, width = options.pop("height", None), options.pop("width", None)
         if height is None and width is None:
             multiple = max(8, self.vae_scale_factor)
@@ -185,10 +188,11 @@ class Applications:
             return z0
         noise = self.noise(z0.shape, generators)
         x = z0.to(self.device) + float(sigmas[0]) * noise
-        denoiser = self.guided_denoiser(req, extra)
-        if known is not None:
-            denoiser = _keep_known(denoiser, *known)
-        return self.sample(denoiser, x, sigmas, req, generators, run["callback"], run["progress"])
+        with controlling(self, run.get("control"), req, sigmas) as hints:   # start/end: fractions of these steps
+            denoiser = self.guided_denoiser(req, {**(extra or {}), **hints})
+            if known is not None:
+                denoiser = _keep_known(denoiser, *known)
+            return self.sample(denoiser, x, sigmas, req, generators, run["callback"], run["progress"])
 
     def _repeat(self, z: torch.Tensor, batch: int) -> torch.Tensor:
         return z.to(self.device).expand(batch, *z.shape[1:]).contiguous() if z.shape[0] == 1 else z.to(self.device)

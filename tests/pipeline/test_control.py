@@ -197,3 +197,72 @@ def test_bad_control_arguments(models):
         ours(pipe, Control(unit, models["tmp"] / "missing.png"))
     with pytest.raises(TypeError, match="image_encoder"):
         pipe.load_control(models["tmp"] / "cn0", image_encoder="clip/")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """A tiny SDXL base folder and diffusers' pipeline over it, with a ControlNet and an SDXL T2I-Adapter."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, T2IAdapter
+
+    from tiny_models import perturb
+    from tiny_sdxl import save_tiny_sdxl
+
+    tmp = tmp_path_factory.mktemp("control_xl")
+    folder = save_tiny_sdxl(tmp / "base", seed=3)
+    xl = StableDiffusionXLPipeline.from_pretrained(folder)
+    xl.scheduler = DDIMScheduler.from_config(xl.scheduler.config)
+    net = tiny_controlnet(xl.unet, seed=11)
+    net.save_pretrained(tmp / "cn")
+    torch.manual_seed(12)
+    widths = list(xl.unet.config.block_out_channels)
+    adapter = perturb(T2IAdapter(in_channels=3, channels=[*widths, widths[-1], widths[-1]], num_res_blocks=2,
+                                 downscale_factor=4, adapter_type="full_adapter_xl"), 12, 0.05).eval()
+    adapter.save_pretrained(tmp / "t2i")
+    return dict(tmp=tmp, folder=folder, xl=xl, net=net, adapter=adapter, pipe=Pipeline.from_pretrained(folder))
+
+
+def test_sdxl_controlnet_and_adapter_match_diffusers(sdxl):
+    from diffusers import StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline
+
+    pipe, image = sdxl["pipe"], edges(4)
+    run = dict(num_inference_steps=RUN["steps"], guidance_scale=5.0, latents=latents(), height=H, width=W,
+               output_type="np")
+    theirs = StableDiffusionXLControlNetPipeline(**sdxl["xl"].components, controlnet=sdxl["net"])
+    theirs.set_progress_bar_config(disable=True)
+    expected = theirs(PROMPTS, image=image, controlnet_conditioning_scale=0.9, control_guidance_end=0.75,
+                      **run).images
+    unit = pipe.load_control(sdxl["tmp"] / "cn")
+    got = ours(pipe, Control(unit, image, scale=0.9, end=0.75), guidance=5.0)
+    assert np.abs(got - expected).max() <= 2 / 255
+    plain = ours(pipe, None, guidance=5.0)
+    assert np.abs(plain - expected).max() > 0.03
+
+    components = {k: v for k, v in sdxl["xl"].components.items() if k not in ("image_encoder", "feature_extractor")}
+    theirs = StableDiffusionXLAdapterPipeline(**components, adapter=sdxl["adapter"])
+    theirs.set_progress_bar_config(disable=True)
+    expected = theirs(PROMPTS, image=[image] * len(PROMPTS), adapter_conditioning_scale=0.8,
+                      adapter_conditioning_factor=0.5, **run).images
+    unit = pipe.load_control(sdxl["tmp"] / "t2i")
+    got = ours(pipe, Control(unit, image, scale=0.8, end=0.5), guidance=5.0)
+    assert np.abs(got - expected).max() <= 2 / 255
+    assert np.abs(plain - expected).max() > 0.03
+
+
+def test_control_in_img2img_and_inpaint(models):
+    pipe = models["pipe"]
+    unit = pipe.load_control(models["tmp"] / "cn0")
+    source = Image.fromarray(np.random.default_rng(5).integers(0, 255, (H, W, 3), dtype=np.uint8))
+    mask = np.zeros((H, W), dtype=np.float32)
+    mask[:, W // 2:] = 1.0
+    run = dict(steps=6, seed=[1, 2], num_images_per_prompt=2, output_type="np", progress=False)
+    for method, args in (("img2img", (source,)), ("inpaint", (source, Image.fromarray(np.uint8(mask * 255))))):
+        plain = getattr(pipe, method)("a turtle", *args, strength=0.7, **run)
+        controlled = getattr(pipe, method)("a turtle", *args, strength=0.7, control=Control(unit, edges()), **run)
+        alone = getattr(pipe, method)("a turtle", *args, strength=0.7, control=Control(unit, edges()),
+                                      **{**run, "seed": 2, "num_images_per_prompt": 1})
+        assert np.abs(plain - controlled).max() > 0.01
+        np.testing.assert_array_equal(controlled[1], alone[0])   # per-image seeds, batch invariance
+    with pytest.raises(ValueError, match="control must be a Control"):
+        pipe.img2img("a turtle", source, control="canny")
+    with pytest.raises(TypeError, match="denoise"):
+        pipe.denoise(source, control=Control(unit, edges()))
