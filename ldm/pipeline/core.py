@@ -39,7 +39,7 @@ from ldm.pipeline.openvino_backend import OpenVINONetwork, resolve_backend, unet
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
 from ldm.pipeline.request import Request, as_negatives, as_prompts, as_seeds, finite, positive_int
 from ldm.rng import generators_for, randn
-from ldm.samplers import get_sampler, resolve_spacing, sampler_sigmas
+from ldm.samplers import check_eta, get_sampler, resolve_spacing, sampler_sigmas
 from ldm.schedules import NoiseSchedule
 
 # Stable Diffusion's usual settings, for what a model's Components.defaults (its ldm.json) does not say. Keys read
@@ -194,11 +194,9 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         img.check_size(height, width, max(8, self.vae_scale_factor))
         steps = positive_int(self.defaults["steps"] if steps is None else steps, "steps")
         guidance = finite(self.defaults["guidance"] if guidance is None else guidance, "guidance")
-        sampler_fn = get_sampler(sampler)
+        get_sampler(sampler)  # an unknown name: ValueError listing the known ones
         spacing = resolve_spacing(sampler, spacing, getattr(getattr(self.components, "info", None), "family", None))
-        eta = finite(eta, "eta")
-        if eta < 0 or (eta and "eta" not in inspect.signature(sampler_fn).parameters):
-            raise ValueError(f"eta={eta} is not valid for sampler {sampler!r} (eta >= 0, for samplers that take it)")
+        check_eta(sampler, eta := finite(eta, "eta"))
         if not 0.0 <= finite(guidance_rescale, "guidance_rescale") <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if clip_skip is not None:

@@ -18,6 +18,8 @@ sigma (before the step) and denoised its x0 estimate.  Samplers keep no state be
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 
 from torch import Tensor
@@ -29,8 +31,10 @@ from ldm.samplers.multistep import dpmpp_3m_sde, lms, unipc
 from ldm.samplers.singlestep import dpmpp_2s_a, dpmpp_sde
 from ldm.schedules import CONTINUOUS_SPACINGS, SPACINGS, NoiseSchedule, spacing_for_family
 
-__all__ = ["SAMPLERS", "UnknownSamplerError", "check_sigmas", "get_sampler", "resolve_spacing", "sampler_sigmas",
-           "schedule_hints_of"]
+__all__ = ["SAMPLERS", "UnknownSamplerError", "check_eta", "check_sigmas", "get_sampler", "resolve_spacing",
+           "sampler_sigmas", "schedule_hints_of"]
+# Samplers whose eta has an upper bound: TCD's γ is a fraction of the way down to the next timestep.
+ETA_RANGES = {"tcd": (0.0, 1.0)}
 
 
 class UnknownSamplerError(KeyError, ValueError):
@@ -61,6 +65,16 @@ def schedule_hints_of(name: str) -> dict:
     """The σ layout the sampler's reference scheduler uses where the caller names none: {"spacing": ...,
     "final": "alpha0", "convention": ...}, each key only where it differs from the model's own (``base``)."""
     return dict(getattr(SAMPLERS[name], "schedule_hints", {}))
+
+
+def check_eta(name: str, eta: float) -> None:
+    """ValueError naming the value unless `eta` suits sampler `name`: 0 for every sampler (its default), else
+    >= 0 for samplers that take one, within the sampler's range where it has one (ETA_RANGES)."""
+    low, high = ETA_RANGES.get(name, (0.0, math.inf))
+    takes = "eta" in inspect.signature(SAMPLERS[name]).parameters
+    if eta < 0 or (eta and not (takes and low <= eta <= high)):
+        within = f"in [{low:g}, {high:g}]" if high < math.inf else ">= 0"
+        raise ValueError(f"eta={eta} is not valid for sampler {name!r} (eta {within}, for samplers that take it)")
 
 
 def resolve_spacing(name: str, spacing: str | None, family: str | None = None) -> str | None:

@@ -73,6 +73,7 @@ def test_community_spacings_run_and_are_recorded(pipes, spacing):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sampler="lcm", steps=51), r"lcm spacing has at most 50 steps"),
     (dict(sampler="euler", spacing="lcm", steps=60), r"lcm spacing has at most 50 steps"),
+    (dict(sampler="tcd", eta=1.5), r"eta=1.5 is not valid for sampler 'tcd' \(eta in \[0, 1\]"),
     (dict(spacing="ays_sd3"), r"unknown spacing 'ays_sd3'; known spacings: leading, .*beta, ays, ays_sdxl"),
 ])
 def test_bad_few_step_requests_fail_before_any_model_runs(pipes, monkeypatch, kwargs, match):
