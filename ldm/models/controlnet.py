@@ -139,7 +139,12 @@ class ControlNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        # a Linear's weight: reading a conv's would unpack it on a lean model (ldm/models/conv.py)
         return self.time_embedding.linear_1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.time_embedding.linear_1.weight.device
 
     def embedding(self, x: torch.Tensor, t: torch.Tensor, text_embeds=None, time_ids=None) -> torch.Tensor:
         """The timestep embedding (+ SDXL's micro-conditioning), as the U-Net computes it."""

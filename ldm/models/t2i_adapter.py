@@ -123,16 +123,13 @@ class _Adapter(nn.Module):
 
 
 class T2IAdapter(nn.Module):
-    """forward(image (B, in_channels, H, W) in [0, 1]) -> one feature map per U-Net down level (unscaled)."""
+    """forward(image (B, in_channels, H, W) in [0, 1], in the adapter's dtype) -> one feature map per U-Net down
+    level (unscaled)."""
 
     def __init__(self, config: T2IAdapterConfig | None = None):
         super().__init__()
         self.config = config or T2IAdapterConfig()
         self.adapter = _Adapter(self.config)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     @property
     def total_downscale_factor(self) -> int:
@@ -142,4 +139,4 @@ class T2IAdapter(nn.Module):
         return cfg.downscale_factor * 2 ** (len(cfg.channels) - (0 if cfg.adapter_type == "light_adapter" else 1))
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        return self.adapter(image.to(self.dtype))
+        return self.adapter(image)

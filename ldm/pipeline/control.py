@@ -34,6 +34,7 @@ from PIL import Image
 from ldm.checkpoints.control import CONTROLNET, T2I_ADAPTER, load_control
 from ldm.denoiser import batch_sigma
 from ldm.models.controlnet import ControlNet
+from ldm.models.conv import pack_for_inference
 from ldm.models.t2i_adapter import T2IAdapter
 from ldm.pipeline import images as img
 
@@ -137,6 +138,13 @@ def prepare_image(image, height: int, width: int, channels: int = 3) -> torch.Te
     return x.contiguous()
 
 
+def _place(unit: ControlModel, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a unit to the pipeline's device and dtype, unless it is there (a lean ControlNet would unpack)."""
+    model = unit.model
+    if unit.kind != CONTROLNET or (model.dtype, model.device) != (dtype, device):
+        model.to(device=device, dtype=dtype)
+
+
 def _channels(unit: ControlModel) -> int:
     model = unit.model
     return model.config.conditioning_channels if unit.kind == CONTROLNET else model.config.in_channels
@@ -238,8 +246,8 @@ def controlling(pipe, control, req, sigmas: torch.Tensor):
     extra = {}
     with torch.no_grad():
         for i, c in enumerate(controls):
-            c.model.model.to(device=pipe.device, dtype=pipe.dtype)
-            hint = prepare_image(c.image, req.height, req.width, _channels(c.model)).to(pipe.device)
+            _place(c.model, pipe.device, pipe.dtype)
+            hint = prepare_image(c.image, req.height, req.width, _channels(c.model)).to(pipe.device, pipe.dtype)
             if c.model.kind == CONTROLNET:
                 extra[f"{HINT}{i}"] = hint.expand(req.batch, -1, -1, -1)
                 continue
@@ -265,4 +273,6 @@ def load_unit(pipe, path, **options) -> ControlModel:
     model = load_control(path, pipe.unet, dtype=pipe.dtype, latent_factor=pipe.vae_scale_factor)
     model.to(device=pipe.device, dtype=pipe.dtype)
     kind = CONTROLNET if isinstance(model, ControlNet) else T2I_ADAPTER
+    if kind == CONTROLNET and pipe.lean:   # runs every step: one (packed) copy of its weights, as the U-Net
+        pack_for_inference(model)
     return ControlModel(model, kind, path.stem if path.is_file() else path.name)
