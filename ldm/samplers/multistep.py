@@ -46,7 +46,7 @@ def lms(denoiser, x, sigmas, *, generator=None, callback=None, order: int = 4) -
 def _unipc_b(h: float) -> tuple[float, float, float]:
     """B(h) = e^{−h} − 1 (UniPC's bh2 choice, data-prediction form) and the right-hand sides b_1, b_2 of its order
     conditions, b_k = k!·z·φ_{k+1}(z)/B(h) at z = −h, with φ_1(z) = (e^z − 1)/z and φ_{k+1}(z) = (φ_k(z) − 1/k!)/z
-    (Zhao et al. 2023, "UniPC", Theorem 3.1 and Appendix C)."""
+    (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework", §3)."""
     hh = -h
     phi_1 = math.expm1(hh)
     g1 = phi_1 / hh - 1.0
