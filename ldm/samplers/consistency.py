@@ -64,7 +64,7 @@ def tcd_level(schedule: NoiseSchedule, sigma_next: float, gamma: float) -> float
 @torch.no_grad()
 def tcd(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 0.0,
         schedule: NoiseSchedule | None = None) -> Tensor:
-    """Strategic stochastic sampling of Trajectory Consistency Distillation (Zheng et al. 2024, §4.3); eta is γ."""
+    """Strategic stochastic sampling (Zheng et al. 2024, "Trajectory Consistency Distillation"); eta is its γ."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"tcd: eta (TCD's gamma) must be in [0, 1], got {eta}")
     run = Run(denoiser, sigmas, generator, callback)

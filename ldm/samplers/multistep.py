@@ -46,7 +46,7 @@ def lms(denoiser, x, sigmas, *, generator=None, callback=None, order: int = 4) -
 def _unipc_b(h: float) -> tuple[float, float, float]:
     """B(h) = e^{−h} − 1 (UniPC's bh2 choice, data-prediction form) and the right-hand sides b_1, b_2 of its order
     conditions, b_k = k!·z·φ_{k+1}(z)/B(h) at z = −h, with φ_1(z) = (e^z − 1)/z and φ_{k+1}(z) = (φ_k(z) − 1/k!)/z
-    (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework", §3)."""
+    (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models")."""
     hh = -h
     phi_1 = math.expm1(hh)
     g1 = phi_1 / hh - 1.0
@@ -57,7 +57,7 @@ def _unipc_b(h: float) -> tuple[float, float, float]:
 @schedule_hints(convention="dpmsolver")
 @torch.no_grad()
 def unipc(denoiser, x, sigmas, *, generator=None, callback=None) -> Tensor:
-    """UniPC, order 2, B(h) = e^h − 1 ("bh2"), data prediction (Zhao et al. 2023, "UniPC", Algorithms 1 and 2)."""
+    """UniPC, order 2, B(h) = e^h − 1 ("bh2"), data prediction (Zhao et al. 2023, "UniPC")."""
     run = Run(denoiser, sigmas, generator, callback)
     previous = None     # (x, σ, x0 estimate, order) of the last step, and the x0 estimate before it
     older = None
