@@ -13,6 +13,7 @@ What lives here, one concept a module:
   infer        a single file's family and configs, inferred from its tensors' shapes (+ sidecar hints)
   keys         the original SD key names <-> ours, as tables of data
   tensor_io    safe tensor I/O (safetensors; pickles only through ``torch.load(weights_only=True)``)
+  vae_files    VAE files and folders on their own (SD/SDXL VAEs, TAESD), for ``Pipeline.load_vae``
   info         ``ModelInfo``: what ``ldm info`` prints
   lora         LoRA adapters: the layers, ldm's file format, applying and removing them
 

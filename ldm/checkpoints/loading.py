@@ -28,6 +28,7 @@ from ldm.checkpoints.tensor_io import (PICKLE_SUFFIXES, CheckpointError, cast_fl
 from ldm.models.text import TextEncoder, TextEncoderConfig
 from ldm.models.tokenizer import load_tokenizer
 from ldm.models.unet import UNet, UNetConfig
+from ldm.models.taesd import AutoencoderTiny, TinyVAEConfig
 from ldm.models.vae import AutoencoderKL, VAEConfig
 from ldm.schedules import ScheduleConfig
 
@@ -351,7 +352,10 @@ def _folder_tokenizer(folder: Path, name: str):
 def _load_folder(folder: Path, prediction_type, dtype, vae_dtype) -> Components:
     c, weights, info = _folder(folder, prediction_type, True, dtype, vae_dtype)
     unet = _on_meta(UNet, _config(UNetConfig, c.unet, folder / "unet" / "config.json", "U-Net"))
-    vae = _on_meta(AutoencoderKL, _config(VAEConfig, c.vae, folder / "vae" / "config.json", "VAE"))
+    # a folder saved with a TAESD swapped in (Pipeline.load_vae) holds a diffusers AutoencoderTiny as its VAE
+    vae_classes = (AutoencoderTiny, TinyVAEConfig) if c.vae.get("_class_name") == "AutoencoderTiny" else \
+        (AutoencoderKL, VAEConfig)
+    vae = _on_meta(vae_classes[0], _config(vae_classes[1], c.vae, folder / "vae" / "config.json", "VAE"))
     texts = {name: TextEncoder(cfg, tokenizer=_folder_tokenizer(folder, TEXT_SLOTS[name]), init_weights=False)
              for name, cfg in c.texts.items()}
     ours = {"unet": _module_shapes(unet), "vae": _module_shapes(vae),

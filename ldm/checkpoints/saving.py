@@ -103,14 +103,14 @@ def save_diffusers(components: Components, folder) -> None:
     folder = Path(folder).expanduser()
     version = _diffusers_version()
     for name, module, cls in (("unet", components.unet, "UNet2DConditionModel"),
-                              ("vae", components.vae, "AutoencoderKL")):
+                              ("vae", components.vae, type(components.vae).__name__)):   # or AutoencoderTiny
         write_json(folder / name / "config.json",
                    {"_class_name": cls, "_diffusers_version": version, **module.config.to_dict()})
         write_safetensors(folder / name / "diffusion_pytorch_model.safetensors", module.state_dict())
     family = _family(components, components.text_encoder_2 is not None)
     pipeline, slots = SDXL_PIPELINES.get(family, ("StableDiffusionPipeline", ("text_encoder",)))
     index = {"_class_name": pipeline, "_diffusers_version": version,
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", type(components.vae).__name__],
              "scheduler": ["diffusers", "DDIMScheduler"], "feature_extractor": [None, None],
              "image_encoder": [None, None]}
     for name in ("text_encoder", "text_encoder_2") if family else ("text_encoder",):
@@ -160,6 +160,9 @@ def save_single_file(components: Components, path) -> None:
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: save_single_file writes .safetensors only")
+    if not isinstance(components.vae, AutoencoderKL):
+        raise ValueError(f"{path}: an SD single file holds an AutoencoderKL, not this {type(components.vae).__name__} "
+                         "(a TAESD swapped in); save a diffusers folder instead")
     tensors, text_cfgs = sd_state_dict(components.unet, components.vae, *components.text_encoders)
     metadata = {"ldm.unet": components.unet.config.to_dict(), "ldm.vae": components.vae.config.to_dict(),
                 **{key: cfg.to_dict() for key, cfg in zip(TEXT_METADATA, text_cfgs)},

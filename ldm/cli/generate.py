@@ -75,6 +75,9 @@ def generate(args) -> int:
     if recorded is not None and recorded.model_hash and pipe.model_hash and recorded.model_hash != pipe.model_hash:
         warnings.warn(f"{args.from_png} was made with model hash {recorded.model_hash} but this model's is "
                       f"{pipe.model_hash}; the image will differ (pass --model)")
+    if recorded is not None and (recorded.vae or recorded.vae_hash) and not args.vae:
+        warnings.warn(f"{args.from_png} was decoded with the VAE {recorded.vae or recorded.vae_hash!r}; the image "
+                      "will differ (pass --vae PATH)")
     options = dict(negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
                    sampler=args.sampler or pipe.defaults.get("sampler", "dpmpp_2m"), seed=args.seed,
                    num_images_per_prompt=args.num or 1, eta=args.eta or 0.0, clip_skip=args.clip_skip,

@@ -5,6 +5,7 @@
   attention      self/cross attention, transformer blocks; backends sdpa (default), sliced, xformers
   conv           the convolution with a CPU-prepacked weight (lean inference), token <-> feature-map reshapes
   vae            the KL autoencoder (encode/decode, tiling)
+  taesd          the tiny autoencoder TAESD / TAESDXL (diffusers' AutoencoderTiny)
   text           the CLIP text encoder (transformers CLIP or OpenCLIP weights) behind one interface
   tokenizer      the bundled CLIP BPE tokenizer and 77-token encoding
   checkpointing  gradient checkpointing for any block

@@ -8,6 +8,7 @@
   memory         what a request will need, estimated before anything is allocated
   images         images and masks in and out: paths / PIL / arrays <-> tensors
   png_info       the generation settings stored in every PNG (ldm JSON + A1111 infotext)
+  vae_swap       ``pipe.load_vae``: another VAE or TAESD in the model's place; cheap live previews
   visualize      the forward/reverse diffusion figure
 
 Imports: ``ldm.models``, ``ldm.checkpoints``, the diffusion math and ``ldm.files``; never ``train``, ``batch``

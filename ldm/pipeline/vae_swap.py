@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.checkpoints.infer import SDXL_SCALING_FACTOR
 from ldm.checkpoints.tensor_io import CheckpointError
 from ldm.checkpoints.vae_files import VAEFile, load_vae_file
 from ldm.models.conv import pack_for_inference
@@ -28,6 +29,7 @@ from ldm.pipeline.png_info import weights_hash
 # A1111's "Approximate cheap" live preview (modules/sd_vae_approx.py, cheap_approximation, after
 # discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2): each pixel's RGB in about [-1, 1] as
 # a linear map of its 4 scaled latent channels, rows = latent channel, columns = R, G, B.
+SD_SCALING_FACTOR = 0.18215     # SD 1.x/2.x's latent scale (Rombach et al. 2022, §4.3.2)
 APPROX_CHEAP = {
     "sd": ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473)),
     "sdxl": ((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250), (0.1074, 0.0886, -0.0163),
@@ -37,10 +39,15 @@ APPROX_CHEAP = {
 
 def model_latent_scale(pipe) -> tuple[float, float | None]:
     """The (scaling_factor, shift_factor) the model's U-Net works in: its own VAE's, remembered at the first
-    swap (a TAESD in its place has 1.0: it works in that scale already)."""
+    swap. A TAESD works in that scale already (its own factor is 1.0), so a model that came with one (a folder
+    saved after a swap) gets its family's: SDXL's 0.13025, else SD's 0.18215."""
     if getattr(pipe, "_latent_scale", None) is None:
         cfg = pipe.vae.config
-        pipe._latent_scale = (cfg.scaling_factor, cfg.shift_factor)
+        if isinstance(pipe.vae, AutoencoderTiny):
+            family = getattr(getattr(pipe.components, "info", None), "family", None) or "sd1"
+            pipe._latent_scale = (SDXL_SCALING_FACTOR if family.startswith("sdxl") else SD_SCALING_FACTOR, None)
+        else:
+            pipe._latent_scale = (cfg.scaling_factor, cfg.shift_factor)
     return pipe._latent_scale
 
 

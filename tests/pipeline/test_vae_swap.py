@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -214,6 +215,9 @@ def test_generate_and_batch_take_vae(folder, kl, tmp_path, capsys):
     assert parse_parameters(Image.open(png).info["parameters"])["VAE"] == vae.name
     assert json.loads((tmp_path / "out" / "batch.json").read_text())["settings"]["vae"] == fields["VAE hash"]
     capsys.readouterr()
+    assert main(["generate", "--from-png", str(tmp_path / "a.png"), "-o", str(tmp_path / "c.png"), "-q",
+                 "--model", str(folder)]) == 0
+    assert "decoded with the VAE 'vae-ft-tiny.safetensors'" in capsys.readouterr().err
     status = main(["generate", PROMPT, "-o", str(tmp_path / "b.png"), *size[:-1], str(folder / "unet")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "not a VAE" in err[0] and not (tmp_path / "b.png").exists()
@@ -262,3 +266,35 @@ def test_the_worker_renders_a_preview_at_the_step_after_it_is_asked(folder, taes
         worker._on_step({"i": 1, "steps": 3, "denoised": z})
         image = Image.open(io.BytesIO(base64.b64decode(worker.progress.preview)))
         assert image.format == "PNG" and image.size == size and not worker.progress.want_preview
+
+
+def test_a_pipeline_with_taesd_saves_a_folder_both_load(folder, taesd, tmp_path):
+    from diffusers import AutoencoderTiny as Theirs, StableDiffusionPipeline
+
+    vae, root = taesd
+    pipe = Pipeline.from_pretrained(folder).load_vae(root / "taesd")
+    expected = ldm_images(pipe, noise())
+    pipe.save_pretrained(tmp_path / "saved")
+    again = Pipeline.from_pretrained(tmp_path / "saved")
+    assert isinstance(again.vae, AutoencoderTiny)
+    assert np.abs(ldm_images(again, noise()) - expected).max() == 0
+    assert isinstance(StableDiffusionPipeline.from_pretrained(tmp_path / "saved").vae, Theirs)
+    with pytest.raises(ValueError, match="save a diffusers folder instead"):
+        from ldm.checkpoints import save_single_file
+
+        save_single_file(again.components, tmp_path / "model.safetensors")
+    # an SD VAE file swapped in later decodes at the model's own scale (its family's), not TAESD's 1.0
+    from ldm.pipeline.vae_swap import model_latent_scale
+
+    assert model_latent_scale(again) == (0.18215, None)
+
+
+def test_serve_with_a_wrong_vae_is_one_line(folder, tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("fastapi", reason="ldm serve needs the serve extra")
+    done = subprocess.run([sys.executable, "-m", "ldm", "serve", "--model", str(folder), "--vae",
+                           str(folder / "unet"), "--data", str(tmp_path / "data"), "--port", "7999"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not a VAE" in done.stderr, done.stderr
