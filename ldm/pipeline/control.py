@@ -38,7 +38,14 @@ from ldm.models.conv import pack_for_inference
 from ldm.models.t2i_adapter import T2IAdapter
 from ldm.pipeline import images as img
 
-HINT, FEATURE, STEP = "control_hint_", "control_feature_", "control_step"
+HINT, FEATURE, STEP, UNCOND = "control_hint_", "control_feature_", "control_step", "control_uncond"
+# A1111's control modes (sd-webui-controlnet's ControlMode; its API sends the label or the index)
+MODES = {"balanced": "balanced", "prompt": "prompt", "control": "control", "Balanced": "balanced",
+         "My prompt is more important": "prompt", "ControlNet is more important": "control",
+         0: "balanced", 1: "prompt", 2: "control"}
+# A1111's soft injection ("prompt" and "control" modes): residual i of n weighted 0.825^(n-1-i) (the shallow
+# skips least, the middle block fully); an adapter's features by these factors
+SOFT_DECAY, SOFT_ADAPTER = 0.825, (0.25, 0.62, 0.825, 1.0)
 # the SDXL U-Net's extra conditions, which a ControlNet copy of it takes too
 _ADDED = ("text_embeds", "time_ids")
 
@@ -70,13 +77,19 @@ def _as_model(model) -> ControlModel:
 class Control:
     """One control unit of a request: a loaded model, its image, its weight and the fraction of the steps it acts
     in. ``image``: a PIL image, a path, or a float array/tensor in [0, 1] of shape (H, W, 3) (or (H, W));
-    resized to the request's size (PIL: Lanczos; arrays: nearest, as diffusers' image processor does)."""
+    resized to the request's size (PIL: Lanczos; arrays: nearest, as diffusers' image processor does).
+    ``mode``: A1111's control mode: "balanced" (default), "prompt" (My prompt is more important: the residuals
+    weighted down toward the shallow levels), "control" (ControlNet is more important: those weights, and the
+    unconditional branch of classifier-free guidance gets no control). ``guess``: diffusers' guess mode for a
+    ControlNet (residuals weighted 0.1 .. 1 from shallow to deep, the unconditional branch without control)."""
 
     model: Any
     image: Any
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    mode: str = "balanced"
+    guess: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "model", _as_model(self.model))
@@ -90,6 +103,15 @@ class Control:
                              f"start={self.start}, end={self.end}")
         if self.image is None:
             raise ValueError("Control.image is required (a PIL image, a path, or an (H, W, 3) array in [0, 1])")
+        mode = MODES.get(self.mode) if isinstance(self.mode, (str, int)) and not isinstance(self.mode, bool) else None
+        if mode is None:
+            raise ValueError(f"Control.mode must be 'balanced', 'prompt' or 'control' (or A1111's label or index), "
+                             f"got {self.mode!r}")
+        object.__setattr__(self, "mode", mode)
+        if not isinstance(self.guess, bool):
+            raise ValueError(f"Control.guess must be True or False, got {self.guess!r}")
+        if self.guess and self.model.kind != CONTROLNET:
+            raise ValueError("Control.guess applies to ControlNets only")
 
     def active(self, step: int, steps: int) -> bool:
         """Whether the unit acts at step ``step`` of ``steps`` (diffusers' control_guidance_start/end rule)."""
@@ -159,32 +181,46 @@ class _Controlled(torch.nn.Module):
         super().__init__()
         self.network, self.controls, self.steps = network, controls, steps
 
-    def _weight(self, control: Control, step: torch.Tensor, like: torch.Tensor):
-        """The unit's weight for each row: its scale while it acts, else 0 (None: it acts on no row)."""
+    def _rows(self, control: Control, step: torch.Tensor, uncond: torch.Tensor, like: torch.Tensor):
+        """Which rows the unit acts on: True (all), None (none) or a (rows, 1, 1, 1) 0/1 mask: the rows whose step
+        lies in its window, less the unconditional ones where its mode leaves them without control."""
         acts = [control.active(int(s), self.steps) for s in step.tolist()]
+        if control.mode == "control" or control.guess:
+            acts = [a and not u for a, u in zip(acts, uncond.tolist())]
         if not any(acts):
             return None
-        if all(acts):
-            return control.scale
-        return torch.tensor([control.scale if a else 0.0 for a in acts], dtype=like.dtype,
-                            device=like.device).view(-1, 1, 1, 1)
+        return True if all(acts) else torch.tensor(acts, dtype=like.dtype, device=like.device).view(-1, 1, 1, 1)
+
+    @staticmethod
+    def _weights(control: Control, n: int, adapter: bool) -> list:
+        """The unit's factor for each of its n outputs (residuals: the skips', then the middle block's)."""
+        if control.guess:   # diffusers' guess mode: logspace(-1, 0) over the residuals, times the scale
+            return list(torch.logspace(-1, 0, n) * control.scale)
+        if control.mode == "balanced":
+            return [control.scale] * n
+        if adapter:
+            return [control.scale * w for w in (*SOFT_ADAPTER, *[1.0] * n)[:n]]
+        return [control.scale * SOFT_DECAY ** float(n - 1 - i) for i in range(n)]
 
     def forward(self, x, t, context, **cond):
-        step = cond.pop(STEP)
+        step, uncond = cond.pop(STEP), cond.pop(UNCOND)
         inputs = {k: cond.pop(k) for k in list(cond) if k.startswith((HINT, FEATURE))}
         added = {k: cond[k] for k in _ADDED if k in cond}
         down = mid = features = None
         for i, control in enumerate(self.controls):
-            weight = self._weight(control, step, x)
-            if weight is None:
+            rows = self._rows(control, step, uncond, x)
+            if rows is None:
                 continue
             if control.model.kind == CONTROLNET:
                 d, m = control.model.model(x, t, context, inputs[f"{HINT}{i}"], **added)
-                d, m = [r * weight for r in d], m * weight
-                down = d if down is None else [a + b for a, b in zip(down, d)]
-                mid = m if mid is None else mid + m
+                out = [r * w for r, w in zip([*d, m], self._weights(control, len(d) + 1, False))]
+                out = out if rows is True else [r * rows for r in out]
+                down = out[:-1] if down is None else [a + b for a, b in zip(down, out[:-1])]
+                mid = out[-1] if mid is None else mid + out[-1]
             else:
-                f = [inputs[f"{FEATURE}{i}_{k}"] * weight for k in range(self._features(i, inputs))]
+                f = [inputs[f"{FEATURE}{i}_{k}"] for k in range(self._features(i, inputs))]
+                f = [r * w for r, w in zip(f, self._weights(control, len(f), True))]
+                f = f if rows is True else [r * rows for r in f]
                 features = f if features is None else [a + b for a, b in zip(features, f)]
         if down is not None:
             cond.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
@@ -198,29 +234,32 @@ class _Controlled(torch.nn.Module):
 
 
 class _StepOf:
-    """D(x, σ, **cond) -> D(x, σ, control_step=i, **cond), i the step whose interval [σ_{i+1}, σ_i] holds σ."""
+    """D(x, σ, **cond) -> D(x, σ, control_step=i, control_uncond=u, **cond): i the step whose interval
+    [σ_{i+1}, σ_i] holds σ; u marks the rows of classifier-free guidance's unconditional branch (the first half
+    of a call of twice the request's batch, ldm.guidance.classifier_free)."""
 
-    def __init__(self, denoiser, sigmas: torch.Tensor):
-        self.denoiser = denoiser
+    def __init__(self, denoiser, sigmas: torch.Tensor, batch: int):
+        self.denoiser, self.batch = denoiser, batch
         self.sigmas = sigmas[:-1].double()
 
     def __call__(self, x, sigma, **cond):
         s = batch_sigma(sigma, x).double().cpu()
         step = (self.sigmas[None, :] >= s[:, None] * (1 - 1e-6)).sum(1).sub(1).clamp(min=0)
-        return self.denoiser(x, sigma, **cond, **{STEP: step})
+        uncond = torch.arange(x.shape[0]) < (self.batch if x.shape[0] == 2 * self.batch else 0)
+        return self.denoiser(x, sigma, **cond, **{STEP: step.to(x.device), UNCOND: uncond.to(x.device)})
 
 
 class ActiveControls:
     """The units of one request, while it runs: wraps the pipeline's network and denoiser (core.Pipeline.denoiser)."""
 
-    def __init__(self, controls: list[Control], sigmas: torch.Tensor):
-        self.controls, self.sigmas = controls, sigmas
+    def __init__(self, controls: list[Control], sigmas: torch.Tensor, batch: int):
+        self.controls, self.sigmas, self.batch = controls, sigmas, batch
 
     def network(self, network):
         return _Controlled(network, self.controls, len(self.sigmas) - 1)
 
     def denoiser(self, denoiser):
-        return _StepOf(denoiser, self.sigmas)
+        return _StepOf(denoiser, self.sigmas, self.batch)
 
 
 def check_units(pipe, controls: list[Control]) -> None:
@@ -255,7 +294,7 @@ def controlling(pipe, control, req, sigmas: torch.Tensor):
             for k, feature in enumerate(c.model.model(hint)):
                 extra[f"{FEATURE}{i}_{k}"] = feature.expand(req.batch, *feature.shape[1:])
     previous = pipe._controls, pipe._network
-    pipe._controls = ActiveControls(controls, sigmas)
+    pipe._controls = ActiveControls(controls, sigmas, req.batch)
     if getattr(pipe, "backend", "torch") != "torch":   # a whole-graph backend's U-Net takes no residuals
         pipe._network = pipe.unet
     try:

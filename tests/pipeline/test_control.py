@@ -76,6 +76,24 @@ def test_controlnet_folder_matches_diffusers(models):
     assert np.abs(plain - expected).max() > 0.03     # the ControlNet does change the image
 
 
+def test_guess_mode_matches_diffusers_and_a1111_modes(models):
+    pipe = models["pipe"]
+    unit = pipe.load_control(models["tmp"] / "cn0")
+    image = edges()
+    expected = diffusers_run(controlnet_pipeline(models, models["nets"][0]), image=image,
+                             controlnet_conditioning_scale=1.5, guess_mode=True)
+    got = ours(pipe, Control(unit, image, scale=1.5, guess=True))
+    assert np.abs(got - expected).max() <= 2 / 255
+    assert np.abs(ours(pipe, Control(unit, image, scale=1.5)) - expected).max() > 0.01
+    # A1111's modes: "prompt" weights the residuals down toward the shallow levels; "control" also leaves the
+    # unconditional branch without control, which without classifier-free guidance is the same thing
+    images = {mode: ours(pipe, Control(unit, image, mode=mode)) for mode in ("balanced", "prompt", "control")}
+    assert np.abs(images["balanced"] - images["prompt"]).max() > 0.01
+    assert np.abs(images["prompt"] - images["control"]).max() > 0.01
+    no_cfg = [ours(pipe, Control(unit, image, mode=mode), guidance=1.0) for mode in ("prompt", 2)]
+    np.testing.assert_array_equal(*no_cfg)
+
+
 def test_two_controlnets_with_their_own_scales_and_windows_match_diffusers(models):
     from diffusers import MultiControlNetModel
 
@@ -177,6 +195,8 @@ def test_control_image_as_an_array_and_in_guidance_one(models):
     (dict(scale="strong"), "Control.scale must be a finite number"),
     (dict(end=1.5), "0 <= start <= end <= 1"),
     (dict(start=-0.1), "0 <= start <= end <= 1"),
+    (dict(mode="louder"), "Control.mode must be 'balanced', 'prompt' or 'control'"),
+    (dict(guess="yes"), "Control.guess must be True or False"),
 ])
 def test_bad_control_fields_are_one_clear_error(models, fields, message):
     unit = models["pipe"].load_control(models["tmp"] / "cn0")
@@ -197,6 +217,8 @@ def test_bad_control_arguments(models):
         ours(pipe, Control(unit, models["tmp"] / "missing.png"))
     with pytest.raises(TypeError, match="image_encoder"):
         pipe.load_control(models["tmp"] / "cn0", image_encoder="clip/")
+    with pytest.raises(ValueError, match="Control.guess applies to ControlNets only"):
+        Control(pipe.load_control(models["tmp"] / "t2i"), edges(), guess=True)
 
 
 @pytest.fixture(scope="module")
