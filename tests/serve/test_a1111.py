@@ -79,6 +79,19 @@ def test_webuiapi_payload_is_accepted_and_eta_applies_where_the_sampler_takes_it
         "/sdapi/v1/txt2img", json={**WEBUIAPI, "prompt": "basketball"}).json()["images"]
 
 
+@pytest.mark.parametrize("sampler,scheduler,infotext", [
+    ("UniPC", "SGM Uniform", "Sampler: UniPC, Schedule type: SGM Uniform"),
+    ("LCM", "Automatic", "Sampler: LCM, CFG scale"),            # LCM's own grid: no schedule type
+    ("DPM++ 3M SDE", "Align Your Steps", "Sampler: DPM++ 3M SDE, Schedule type: Align Your Steps"),
+    ("TCD", "Beta", "Sampler: TCD, Schedule type: Beta"),
+])
+def test_few_step_samplers_and_schedules_by_their_a1111_names(server, sampler, scheduler, infotext):
+    r = server.client.post("/sdapi/v1/txt2img", json={**WEBUIAPI, "prompt": "basketball", "sampler_name": sampler,
+                                                      "scheduler": scheduler, "cfg_scale": 1.0, "eta": 0.3})
+    assert r.status_code == 200, r.text
+    assert infotext in json.loads(r.json()["info"])["infotexts"][0]
+
+
 @pytest.mark.parametrize("prefix", [False, True])
 def test_img2img_and_inpaint_accept_base64_with_or_without_data_prefix(server, prefix):
     source = Image.new("RGB", (64, 64), (200, 30, 30))
