@@ -182,7 +182,11 @@ def detect_family(path, keys) -> tuple[str, list[TextSlot]]:
                                   "SD 1.x, SD 2.x and SDXL checkpoints")
     if not _has(keys, UNET_PREFIX):
         sample = ", ".join(sorted(keys)[:5]) or "no tensors at all"
-        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no {UNET_PREFIX}* keys (found: {sample})")
+        vae = any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.layers."))
+                  or (k.split(".")[0].isdigit() and ".conv.0." in k) for k in keys)   # + TAESD's halves
+        hint = "; it looks like a VAE on its own: swap it in with --vae PATH / pipe.load_vae(PATH)" if vae else ""
+        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no {UNET_PREFIX}* keys "
+                              f"(found: {sample}){hint}")
     if _has(keys, SDXL_PREFIX):
         return _sdxl_slots(path, keys)
     if not _has(keys, "cond_stage_model."):

@@ -298,3 +298,11 @@ def test_serve_with_a_wrong_vae_is_one_line(folder, tmp_path):
                            str(folder / "unet"), "--data", str(tmp_path / "data"), "--port", "7999"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not a VAE" in done.stderr, done.stderr
+
+
+def test_a_vae_given_as_a_model_says_to_swap_it_in(kl, taesd):
+    from ldm.checkpoints import describe
+
+    for path in (kl[1] / "vae-ft-tiny.safetensors", taesd[1] / "taesd_decoder.pth"):
+        with pytest.raises(CheckpointError, match="looks like a VAE on its own: swap it in with --vae"):
+            describe(path)
