@@ -10,10 +10,12 @@ Kinds and layouts (key tables: ``ldm.checkpoints.control_keys``):
                U-Net's weights added
   T2I-Adapter  TencentARC's ``Adapter`` (full) and ``Adapter_light``, diffusers' ``T2IAdapter`` (``adapter.*``;
                full, light and SDXL's full_adapter_xl) as a single file or a folder
+  IP-Adapter   ``image_proj.*`` + ``ip_adapter.*`` (flat .safetensors, or nested in a .bin), read by
+               ``ldm.checkpoints.ip_adapter``
 The configuration comes from the shapes, as for SD files (``ldm.checkpoints.infer``); what shapes cannot
 give (attention heads) comes from the base U-Net the unit is loaded for when the widths agree, otherwise from the
 family's rule (SD 1.x: 8 heads; later families: 64 channels per head). Nothing is downloaded. A file of another
-kind (LoRA, SD checkpoint, IP-Adapter) or for another family is one CheckpointError naming the file and what it is.
+kind (LoRA, SD checkpoint) or for another family is one CheckpointError naming the file and what it is.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ import torch
 from ldm.checkpoints.control_keys import (CONTROL_PREFIX, DIFFUSERS_CONTROLNET, T2I_DIFFUSERS_PREFIX,
                                           controlnet_key, t2i_key)
 from ldm.checkpoints.keys import KeyMap, check, gather
+from ldm.checkpoints.ip_adapter import IP_ADAPTER, load_ip_adapter
 from ldm.checkpoints.loading import _weight_files
-from ldm.checkpoints.tensor_io import CheckpointError, error_list, load_tensors, read_json
+from ldm.checkpoints.tensor_io import PICKLE_SUFFIXES, CheckpointError, error_list, load_tensors, read_json
 from ldm.models.controlnet import ControlNet, ControlNetConfig
 from ldm.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from ldm.models.unet import CROSS_DOWN, PLAIN_DOWN, UNet, UNetConfig
@@ -38,8 +41,6 @@ OTHER_KINDS = (
     ("lora_unet_", "a LoRA (kohya/A1111 layout); load it with pipe.load_lora"),
     ("lora_te", "a LoRA (kohya/A1111 layout); load it with pipe.load_lora"),
     ("model.diffusion_model.", "a Stable Diffusion checkpoint (U-Net); load it with Pipeline.from_pretrained"),
-    ("image_proj.", "an IP-Adapter, which ldm does not load yet"),
-    ("ip_adapter.", "an IP-Adapter, which ldm does not load yet"),
     ("lora_controlnet", "a Control-LoRA, which ldm does not load yet"),
 )
 
@@ -68,6 +69,8 @@ def detect(path, keys) -> tuple[str, str]:
     keys = set(keys)
     if "lora_controlnet" in keys:
         raise CheckpointError(f"{path}: not loadable: this is a Control-LoRA, which ldm does not load yet")
+    if _has(keys, "image_proj.") and _has(keys, "ip_adapter."):
+        return IP_ADAPTER, "original"
     if _has(keys, CONTROL_PREFIX) or _has(keys, "zero_convs.") or _has(keys, "input_hint_block."):
         return CONTROLNET, "original"
     if any(_has(keys, p) for p in DIFFUSERS_CONTROLNET):
@@ -259,7 +262,13 @@ def _read(path: Path, dtype) -> tuple[dict, dict | None]:
         return tensors, read_json(config_file)
     if not path.is_file():
         raise CheckpointError(f"control file {path} does not exist")
-    return load_tensors(path, dtype), None
+    tensors = load_tensors(path, dtype)
+    if not tensors and path.suffix in PICKLE_SUFFIXES:   # tensors one level down: an IP-Adapter .bin
+        nested = torch.load(path, map_location="cpu", weights_only=True)   # load_tensors found it safe
+        tensors = {f"{outer}.{k}": v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                   for outer, inner in nested.items() if isinstance(inner, dict)
+                   for k, v in inner.items() if isinstance(v, torch.Tensor)}
+    return tensors, None
 
 
 def _check_family(path, config: ControlNetConfig, base: UNetConfig | None) -> None:
@@ -292,7 +301,7 @@ def _difference(model: ControlNet, state: dict, base: UNet | None, path) -> dict
 
 
 def load_control(path, unet: UNet | None = None, *, dtype: torch.dtype | None = None, latent_factor: int = 8):
-    """A ControlNet or T2IAdapter (eval mode, no grad) from a file or diffusers folder, checked against ``unet``
+    """A ControlNet, T2IAdapter or IPAdapter (eval mode, no grad) from a file or folder, checked against ``unet``
     (the base U-Net: family, residual shapes, heads) when given. ``latent_factor``: the base VAE's downscaling."""
     path = Path(path)
     base = unet.config if unet is not None else None
@@ -307,6 +316,8 @@ def load_control(path, unet: UNet | None = None, *, dtype: torch.dtype | None = 
         kind, layout = detect(path, tensors)
     if kind == CONTROLNET:
         model = _load_controlnet(path, tensors, config, layout, base, unet)
+    elif kind == IP_ADAPTER:
+        model = load_ip_adapter(path, tensors, unet)
     else:
         model = _load_t2i(path, tensors, config, layout, base, latent_factor)
     return model.eval().requires_grad_(False)

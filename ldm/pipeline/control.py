@@ -32,13 +32,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.checkpoints.control import CONTROLNET, T2I_ADAPTER, load_control
+from ldm.checkpoints.ip_adapter import IP_ADAPTER, check_encoder, load_image_encoder
 from ldm.denoiser import batch_sigma
 from ldm.models.controlnet import ControlNet
 from ldm.models.conv import pack_for_inference
+from ldm.models.ip_adapter import IPState, install, uninstall
 from ldm.models.t2i_adapter import T2IAdapter
 from ldm.pipeline import images as img
 
 HINT, FEATURE, STEP, UNCOND = "control_hint_", "control_feature_", "control_step", "control_uncond"
+IP_TOKENS, IP_NEGATIVE = "control_ip_", "control_ipneg_"     # an IP-Adapter's image tokens, and the "no image" ones
 # A1111's control modes (sd-webui-controlnet's ControlMode; its API sends the label or the index)
 MODES = {"balanced": "balanced", "prompt": "prompt", "control": "control", "Balanced": "balanced",
          "My prompt is more important": "prompt", "ControlNet is more important": "control",
@@ -52,11 +55,12 @@ _ADDED = ("text_embeds", "time_ids")
 
 @dataclass(frozen=True)
 class ControlModel:
-    """A loaded ControlNet or T2I-Adapter: what ``Pipeline.load_control`` returns."""
+    """A loaded ControlNet, T2I-Adapter or IP-Adapter: what ``Pipeline.load_control`` returns."""
 
     model: torch.nn.Module
-    kind: str                      # "ControlNet" or "T2I-Adapter"
+    kind: str                      # "ControlNet", "T2I-Adapter" or "IP-Adapter"
     name: str | None = None        # the file's stem or the folder's name (PNG metadata); None if built in memory
+    image_encoder: Any = None      # IP-Adapter: (CLIPVisionModelWithProjection, CLIPImageProcessor)
 
     def __repr__(self) -> str:
         return f"ControlModel({self.kind}, {self.name or 'in memory'})"
@@ -165,6 +169,25 @@ def _place(unit: ControlModel, device: torch.device, dtype: torch.dtype) -> None
     model = unit.model
     if unit.kind != CONTROLNET or (model.dtype, model.device) != (dtype, device):
         model.to(device=device, dtype=dtype)
+    if unit.image_encoder is not None:
+        unit.image_encoder[0].to(device=device, dtype=dtype)
+
+
+def ip_tokens(unit: ControlModel, image, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An IP-Adapter's image tokens (1, n, D) for ``image``, and for no image: the projection of zero embeddings
+    (base) or of the encoder's states for an all-zero input (Plus, Full-face), as diffusers' encode_image."""
+    encoder, processor = unit.image_encoder
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    pixels = processor(images=img.load_image(image, "IP-Adapter image"), return_tensors="pt").pixel_values
+    pixels = pixels.to(device, dtype)
+    if unit.model.config.hidden_states:
+        pos, neg = (encoder(p, output_hidden_states=True).hidden_states[-2]
+                    for p in (pixels, torch.zeros_like(pixels)))
+    else:
+        pos = encoder(pixels).image_embeds
+        neg = torch.zeros_like(pos)
+    return unit.model.tokens(pos), unit.model.tokens(neg)
 
 
 def _channels(unit: ControlModel) -> int:
@@ -177,9 +200,17 @@ class _Controlled(torch.nn.Module):
     ``control_hint_i`` (ControlNet i's image) or ``control_feature_i_k`` (adapter i's k-th feature map), one row
     per U-Net row, and ``control_step`` (the sampler's step of each row)."""
 
-    def __init__(self, network, controls: list[Control], steps: int):
+    def __init__(self, network, controls: list[Control], steps: int, ip_state: IPState | None = None):
         super().__init__()
-        self.network, self.controls, self.steps = network, controls, steps
+        self.network, self.controls, self.steps, self.ip_state = network, controls, steps, ip_state
+
+    def _ip(self, i: int, control: Control, rows, uncond: torch.Tensor, inputs: dict):
+        """An IP-Adapter's tokens for each row (the "no image" ones on the unconditional rows, as diffusers) and
+        its weight (0 where it does not act)."""
+        pos, neg = inputs[f"{IP_TOKENS}{i}"], inputs[f"{IP_NEGATIVE}{i}"]
+        tokens = torch.where(uncond.view(-1, 1, 1), neg, pos)
+        weight = 0.0 if rows is None else control.scale if rows is True else control.scale * rows.view(-1, 1, 1)
+        return tokens, weight
 
     def _rows(self, control: Control, step: torch.Tensor, uncond: torch.Tensor, like: torch.Tensor):
         """Which rows the unit acts on: True (all), None (none) or a (rows, 1, 1, 1) 0/1 mask: the rows whose step
@@ -204,11 +235,17 @@ class _Controlled(torch.nn.Module):
 
     def forward(self, x, t, context, **cond):
         step, uncond = cond.pop(STEP), cond.pop(UNCOND)
-        inputs = {k: cond.pop(k) for k in list(cond) if k.startswith((HINT, FEATURE))}
+        inputs = {k: cond.pop(k) for k in list(cond) if k.startswith((HINT, FEATURE, IP_TOKENS, IP_NEGATIVE))}
         added = {k: cond[k] for k in _ADDED if k in cond}
         down = mid = features = None
+        ip_tokens, ip_weights = [], []
         for i, control in enumerate(self.controls):
             rows = self._rows(control, step, uncond, x)
+            if control.model.kind == IP_ADAPTER:
+                tokens, weight = self._ip(i, control, rows, uncond, inputs)
+                ip_tokens.append(tokens)
+                ip_weights.append(weight)
+                continue
             if rows is None:
                 continue
             if control.model.kind == CONTROLNET:
@@ -226,6 +263,9 @@ class _Controlled(torch.nn.Module):
             cond.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         if features is not None:
             cond["down_intrablock_additional_residuals"] = features
+        if ip_tokens:   # the image tokens ride at the end of the context (ldm.models.ip_adapter.IPAttention)
+            self.ip_state.weights, self.ip_state.tokens = ip_weights, [tok.shape[1] for tok in ip_tokens]
+            context = torch.cat([context, *(tok.to(context.dtype) for tok in ip_tokens)], dim=1)
         return self.network(x, t, context, **cond)
 
     @staticmethod
@@ -252,11 +292,11 @@ class _StepOf:
 class ActiveControls:
     """The units of one request, while it runs: wraps the pipeline's network and denoiser (core.Pipeline.denoiser)."""
 
-    def __init__(self, controls: list[Control], sigmas: torch.Tensor, batch: int):
-        self.controls, self.sigmas, self.batch = controls, sigmas, batch
+    def __init__(self, controls: list[Control], sigmas: torch.Tensor, batch: int, ip_state: IPState | None = None):
+        self.controls, self.sigmas, self.batch, self.ip_state = controls, sigmas, batch, ip_state
 
     def network(self, network):
-        return _Controlled(network, self.controls, len(self.sigmas) - 1)
+        return _Controlled(network, self.controls, len(self.sigmas) - 1, self.ip_state)
 
     def denoiser(self, denoiser):
         return _StepOf(denoiser, self.sigmas, self.batch)
@@ -286,6 +326,11 @@ def controlling(pipe, control, req, sigmas: torch.Tensor):
     with torch.no_grad():
         for i, c in enumerate(controls):
             _place(c.model, pipe.device, pipe.dtype)
+            if c.model.kind == IP_ADAPTER:   # once per request, on one row (the same bits whatever the batch)
+                pos, neg = ip_tokens(c.model, c.image, pipe.device, pipe.dtype)
+                extra[f"{IP_TOKENS}{i}"] = pos.expand(req.batch, -1, -1)
+                extra[f"{IP_NEGATIVE}{i}"] = neg.expand(req.batch, -1, -1)
+                continue
             hint = prepare_image(c.image, req.height, req.width, _channels(c.model)).to(pipe.device, pipe.dtype)
             if c.model.kind == CONTROLNET:
                 extra[f"{HINT}{i}"] = hint.expand(req.batch, -1, -1, -1)
@@ -293,25 +338,37 @@ def controlling(pipe, control, req, sigmas: torch.Tensor):
             # once per image, on its one row: every image's features are the same bits whatever the batch
             for k, feature in enumerate(c.model.model(hint)):
                 extra[f"{FEATURE}{i}_{k}"] = feature.expand(req.batch, *feature.shape[1:])
+    adapters = [c.model.model for c in controls if c.model.kind == IP_ADAPTER]
+    state = IPState(adapters) if adapters else None
     previous = pipe._controls, pipe._network
-    pipe._controls = ActiveControls(controls, sigmas, req.batch)
+    pipe._controls = ActiveControls(controls, sigmas, req.batch, state)
     if getattr(pipe, "backend", "torch") != "torch":   # a whole-graph backend's U-Net takes no residuals
         pipe._network = pipe.unet
+    placed = install(pipe.unet, state) if state is not None else []
     try:
         yield extra
     finally:
+        uninstall(placed)
         pipe._controls, pipe._network = previous
 
 
-def load_unit(pipe, path, **options) -> ControlModel:
-    """``Pipeline.load_control``: a ControlNet / T2I-Adapter file or folder, checked against the pipeline's U-Net."""
-    if options:
-        raise TypeError(f"load_control: unexpected option(s) {', '.join(sorted(options))} (image_encoder is for "
-                        "IP-Adapters, which ldm does not load yet)")
+def load_unit(pipe, path, image_encoder=None) -> ControlModel:
+    """``Pipeline.load_control``: a ControlNet / T2I-Adapter / IP-Adapter file or folder, checked against the
+    pipeline's U-Net; an IP-Adapter with its CLIP image encoder (a transformers folder)."""
     path = Path(path)
     model = load_control(path, pipe.unet, dtype=pipe.dtype, latent_factor=pipe.vae_scale_factor)
     model.to(device=pipe.device, dtype=pipe.dtype)
-    kind = CONTROLNET if isinstance(model, ControlNet) else T2I_ADAPTER
+    kind = CONTROLNET if isinstance(model, ControlNet) else T2I_ADAPTER if isinstance(model, T2IAdapter) \
+        else IP_ADAPTER
+    if kind == IP_ADAPTER:
+        if image_encoder is None:
+            raise ValueError(f"{path}: an IP-Adapter needs its image encoder: pipe.load_control(path, "
+                             "image_encoder=FOLDER), a transformers CLIPVisionModelWithProjection folder")
+        encoder = load_image_encoder(image_encoder, pipe.dtype)
+        check_encoder(path, model, encoder[0])
+        return ControlModel(model, kind, path.stem if path.is_file() else path.name, encoder)
+    if image_encoder is not None:
+        raise ValueError(f"{path}: a {kind}, which takes no image_encoder (that is for IP-Adapters)")
     if kind == CONTROLNET and pipe.lean:   # runs every step: one (packed) copy of its weights, as the U-Net
         pack_for_inference(model)
     return ControlModel(model, kind, path.stem if path.is_file() else path.name)
