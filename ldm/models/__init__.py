@@ -15,6 +15,7 @@ Imports: torch, transformers/open_clip (text encoders), ``ldm.assets`` and the d
 """
 
 from ldm.models.unet import UNet, UNetConfig
+from ldm.models.taesd import AutoencoderTiny, TinyVAEConfig
 from ldm.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
-__all__ = ["UNet", "UNetConfig", "AutoencoderKL", "VAEConfig", "DiagonalGaussian"]
+__all__ = ["UNet", "UNetConfig", "AutoencoderKL", "VAEConfig", "DiagonalGaussian", "AutoencoderTiny", "TinyVAEConfig"]

@@ -300,7 +300,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
             def on_step(info: dict[str, Any]) -> None:
                 bar.update(1)
                 if callback is not None:
-                    callback(info)
+                    callback(vae_swap.StepInfo(self, info))   # + info["preview"], made when read
 
             if steps > 0:
                 with torch.no_grad(), self.placed(self.unet):

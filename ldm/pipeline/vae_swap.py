@@ -2,7 +2,8 @@
 
     pipe.load_vae("vae-ft-mse-840000-ema-pruned.safetensors")   # an SD/SDXL VAE file or diffusers folder
     pipe.load_vae("taesd/")                                     # TAESD / TAESDXL: 1.2 M parameters a half
-    pipe(prompt, callback=previews(pipe, lambda step, image: image.save(f"step-{step}.png")))
+    pipe(prompt, callback=lambda info: info["preview"][0].save(f"step-{info['i']}.png"))   # every step's
+    pipe(prompt, callback=previews(pipe, lambda step, images: images[0].save(f"{step}.png"), every=5))
 
 The new VAE takes the old one's place everywhere (decoding, img2img's encoding, tiling, lean packing, the
 pipeline's ``vae_dtype`` and device); what it is goes into every image's metadata as A1111 writes it ("VAE: name",
@@ -126,6 +127,25 @@ def preview_images(pipe, z: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(u)) for u in unit]
 
 
+class StepInfo(dict):
+    """What a sampler step tells ``callback`` (i, sigma, sigma_next, x, denoised, steps), plus ``"preview"``: the
+    step's x0 estimate as PIL images (``preview_images``), made only when read, so a callback that never looks at
+    it costs nothing."""
+
+    def __init__(self, pipe, info: dict):
+        super().__init__(info)
+        self._pipe = pipe
+
+    def __missing__(self, key):
+        if key != "preview":
+            raise KeyError(key)
+        self["preview"] = images = preview_images(self._pipe, self["denoised"])
+        return images
+
+    def get(self, key, default=None):
+        return self[key] if key == "preview" or key in self else default
+
+
 def previews(pipe, on_preview: Callable[[int, list[Image.Image]], None], every: int = 1,
              callback: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
     """A sampler callback that shows each ``every``-th step's x0 estimate: ``on_preview(step, images)`` with one
@@ -138,6 +158,6 @@ def previews(pipe, on_preview: Callable[[int, list[Image.Image]], None], every: 
             callback(info)
         step = int(info["i"]) + 1
         if step % every == 0 or step == int(info.get("steps", step)):
-            on_preview(step, preview_images(pipe, info["denoised"]))
+            on_preview(step, info["preview"] if isinstance(info, StepInfo) else preview_images(pipe, info["denoised"]))
 
     return on_step

@@ -19,7 +19,8 @@ from ldm.checkpoints import CheckpointError
 from ldm.checkpoints.keys import scatter, vae_keymaps
 from ldm.models.taesd import AutoencoderTiny, original_key
 from ldm.pipeline.png_info import parse_parameters
-from ldm.pipeline.vae_swap import cheap_rgb, previews
+from ldm.pipeline import vae_swap
+from ldm.pipeline.vae_swap import cheap_rgb, preview_images, previews
 from ldm.serve.worker import Progress
 from tiny_models import perturb, tiny_vae_config
 
@@ -180,7 +181,7 @@ def test_wrong_files_are_one_error_naming_the_file_and_keep_the_vae(folder, tmp_
         assert pipe.vae is vae
 
 
-def test_previews_show_each_steps_estimate(folder, taesd):
+def test_previews_show_each_steps_estimate(folder, taesd, monkeypatch):
     _, root = taesd
     pipe = Pipeline.from_pretrained(folder)
     seen, steps = [], []
@@ -193,6 +194,14 @@ def test_previews_show_each_steps_estimate(folder, taesd):
     pipe(PROMPT, steps=3, height=H, width=W, seed=1, progress=False,
          callback=previews(pipe, lambda step, images: seen.append((step, images)), every=2))
     assert [s for s, _ in seen] == [2, 3] and seen[0][1][0].size == (W, H)   # TAESD: full size
+    # a plain callback finds the preview in its info, made only if read
+    made, got = [], []
+    monkeypatch.setattr(vae_swap, "preview_images", lambda p, z: made.append(1) or preview_images(p, z))
+    pipe(PROMPT, steps=2, height=H, width=W, seed=1, progress=False, callback=lambda info: got.append(info["i"]))
+    assert got == [0, 1] and not made
+    pipe(PROMPT, steps=2, height=H, width=W, seed=1, progress=False,
+         callback=lambda info: got.append(info.get("preview")[0].size))
+    assert got[2:] == [(W, H), (W, H)] and len(made) == 2
     z = torch.zeros(1, 4, 2, 2)
     z[:, 3] = -1.0       # A1111's SD 1.5 factors: the 4th channel's negative is bluish
     rgb = cheap_rgb(z)[0, :, 0, 0]
