@@ -288,3 +288,22 @@ def test_control_in_img2img_and_inpaint(models):
         pipe.img2img("a turtle", source, control="canny")
     with pytest.raises(TypeError, match="denoise"):
         pipe.denoise(source, control=Control(unit, edges()))
+
+
+def test_sd2_controlnet_from_an_original_file_matches_diffusers(tmp_path):
+    """SD 2.x: linear projections, 64-channel heads (taken from the base U-Net), v-prediction."""
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    folder = save_tiny_pipeline(tmp_path / "sd2", "sd2", seed=4, prediction_type="v_prediction")
+    sd = StableDiffusionPipeline.from_pretrained(folder)
+    sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+    net = tiny_controlnet(sd.unet, seed=13)
+    path = write_original_controlnet(net, tmp_path / "control_sd21_tiny.safetensors", prefix="")
+    theirs = StableDiffusionControlNetPipeline(**sd.components, controlnet=net)
+    theirs.set_progress_bar_config(disable=True)
+    image = edges(6)
+    expected = diffusers_run(theirs, image=image, controlnet_conditioning_scale=1.2)
+    pipe = Pipeline.from_pretrained(folder)
+    got = ours(pipe, Control(pipe.load_control(path), image, scale=1.2))
+    assert np.abs(got - expected).max() <= 2 / 255
+    assert np.abs(ours(pipe, None) - expected).max() > 0.03

@@ -1,6 +1,6 @@
 """IP-Adapter through the Pipeline: ldm draws what diffusers' load_ip_adapter + set_ip_adapter_scale +
-ip_adapter_image draw (tiny random models, DDIM, eta 0, the same latents, within 2/255), for the base projection
-and Plus (Resampler), from flat .safetensors and nested .bin files; with a ControlNet beside it."""
+ip_adapter_image draw (tiny random models, DDIM, eta 0, the same latents, within 2/255), for the base projection,
+Plus (Resampler) and Full-face (MLP), from flat .safetensors and nested .bin files; with a ControlNet beside it."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +34,8 @@ def setup(tmp_path_factory):
     layers = tuple((a.to_k.in_features, a.to_k.out_features) for a in (p.attn2 for p, _ in
                                                                           cross_attention_layers(pipe.unet)))
     configs = {"base": IPAdapterConfig("base", ENCODER["projection_dim"], 64, 4, layers),
-               "plus": IPAdapterConfig("plus", ENCODER["hidden_size"], 64, 4, layers, depth=4, width=64, ff_mult=4)}
+               "plus": IPAdapterConfig("plus", ENCODER["hidden_size"], 64, 4, layers, depth=4, width=64, ff_mult=4),
+               "full": IPAdapterConfig("full", ENCODER["hidden_size"], 64, 0, layers)}
     files = {}
     for kind, cfg in configs.items():
         torch.manual_seed(2)
@@ -76,7 +77,7 @@ def ours(pipe, control, **options):
                 latents=latents(), output_type="np", progress=False, control=control, **options)
 
 
-@pytest.mark.parametrize("kind, suffix", [("base", ".bin"), ("plus", ".safetensors")])
+@pytest.mark.parametrize("kind, suffix", [("base", ".bin"), ("plus", ".safetensors"), ("full", ".bin")])
 def test_ip_adapter_matches_diffusers(setup, kind, suffix):
     theirs = setup["diffusers_pipe"](kind)
     theirs.set_ip_adapter_scale(0.6)
