@@ -39,7 +39,7 @@ from ldm.pipeline.openvino_backend import OpenVINONetwork, resolve_backend, unet
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
 from ldm.pipeline.request import Request, as_negatives, as_prompts, as_seeds, finite, positive_int
 from ldm.rng import generators_for, randn
-from ldm.samplers import check_eta, get_sampler, resolve_spacing, sampler_sigmas
+from ldm.samplers import check_eta, get_sampler, resolve_spacing, sampler_sigmas, schedule_hints_of
 from ldm.schedules import NoiseSchedule
 
 # Stable Diffusion's usual settings, for what a model's Components.defaults (its ldm.json) does not say. Keys read
@@ -252,17 +252,18 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
             conditions = self.conditioner.encode(prompts, clip_skip, emphasis=self.emphasis, chunks=chunks)
         return {k: v.to(self.device, self.dtype) for k, v in conditions.items()}
 
-    def denoiser(self, blocks: int = 1):
+    def denoiser(self, blocks: int = 1, quantize: bool = True):
         """D(x, σ, context, ...) -> x0 around the U-Net (the 9-channel one concatenates its extra inputs).
         ``blocks``: how many stacked copies of the image batch one call carries (2 under classifier-free
-        guidance, [uncond; cond]); in batch-invariant mode an image's rows from every block run together."""
+        guidance, [uncond; cond]); in batch-invariant mode an image's rows from every block run together.
+        ``quantize=False``: fractional timesteps, for samplers whose reference feeds them (lms, a schedule hint)."""
         network = unet_runner(self)
         network = _InpaintingInput(network) if self.is_inpainting_model else network
         if self._controls is not None:
             network = self._controls.network(network)
         if self.batch_invariant:
             network = _PerImage(network, blocks, self.micro_batch)
-        denoiser = Denoiser(network, self.schedule, dtype=self.dtype)
+        denoiser = Denoiser(network, self.schedule, dtype=self.dtype, quantize=quantize)
         return denoiser if self._controls is None else self._controls.denoiser(denoiser)
 
     def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
@@ -274,8 +275,9 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
             return {k: v.to(self.device, self.dtype) for k, v in ids.items()}
 
         cond = {**self.text_conditions(req.prompts, req.clip_skip), **added(False), **extra}
+        quantize = schedule_hints_of(req.sampler).get("quantize", True)
         if req.guidance == 1.0:
-            return conditioned(self.denoiser(), **cond)
+            return conditioned(self.denoiser(quantize=quantize), **cond)
         zeros = self.conditioner.zeros_for_empty   # SDXL base: zeros, not the encoded "", where none was given
         if zeros and not any(req.negative_given):
             text = {k: torch.zeros_like(cond[k]) for k in ("context", "text_embeds") if k in cond}
@@ -287,7 +289,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
                 given = torch.tensor(req.negative_given, device=self.device)
                 text = {k: torch.where(given.view(-1, *[1] * (v.dim() - 1)), v, 0) for k, v in text.items()}
         uncond = {**text, **added(True), **extra}
-        return classifier_free(self.denoiser(blocks=2), cond, uncond, req.guidance, req.guidance_rescale)
+        return classifier_free(self.denoiser(2, quantize), cond, uncond, req.guidance, req.guidance_rescale)
 
     def sample(self, denoiser, x, sigmas, req: Request, generators, callback=None, progress=True) -> torch.Tensor:
         """Run the sampler from x at sigmas[0]; returns the VP sample (x / sqrt(1 + σ_last²) if σ_last > 0)."""

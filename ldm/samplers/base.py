@@ -79,7 +79,8 @@ def ancestral_sigmas(sigma: float, sigma_next: float, eta: float) -> tuple[float
 def schedule_hints(**hints) -> Callable:
     """Mark a sampler with the σ layout its reference scheduler uses, for callers that name none (the pipeline):
     spacing (LCM's distillation grid for lcm/tcd), final ("alpha0": stop at σ(t = 0), as TCDScheduler does) and
-    convention (how "leading"/"linspace" lay out their steps, ``NoiseSchedule.timesteps``). Read them with
+    convention (how "leading"/"linspace" lay out their steps, ``NoiseSchedule.timesteps``) and quantize (False:
+    the network gets fractional timesteps, ``Denoiser(quantize=False)``). Read them with
     ``ldm.samplers.schedule_hints_of``."""
     def mark(fn: Callable) -> Callable:
         fn.schedule_hints = dict(hints)

@@ -28,6 +28,10 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
     return weights
 
 
+# Fractional timesteps, as LMSDiscreteScheduler and k-diffusion feed them: on Karras levels crowded between integer
+# timesteps, rounding makes the slopes jump, and the order-4 extrapolation through them amplifies the jumps
+# (docs/samplers.md, the benchmark).
+@schedule_hints(quantize=False)
 @torch.no_grad()
 def lms(denoiser, x, sigmas, *, generator=None, callback=None, order: int = 4) -> Tensor:
     """Linear multistep (Adams–Bashforth over σ) on the probability-flow ODE (Karras et al. 2022; k-diffusion)."""

@@ -31,14 +31,14 @@ def diffusers_run(scheduler, model, steps=None, seed=None, timesteps=None, **ste
     return x, trajectory
 
 
-def ldm_run(name, model, noise_schedule, sigmas, seed=None, vp=True, **options):
+def ldm_run(name, model, noise_schedule, sigmas, seed=None, vp=True, quantize=True, **options):
     """ldm's sampler from the same noise, its samples in diffusers' space (VP: x / sqrt(1 + σ²); σ-space: x)."""
     sigmas = sigmas.to(torch.float64)
     scale = (lambda s: (1 + s**2) ** -0.5) if vp else (lambda s: 1.0)
     x = latents() * (1 + sigmas[0] ** 2).sqrt()
     trajectory = []
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    out = SAMPLERS[name](Denoiser(model, noise_schedule), x, sigmas, generator=generator,
+    out = SAMPLERS[name](Denoiser(model, noise_schedule, quantize=quantize), x, sigmas, generator=generator,
                          callback=lambda info: trajectory.append(info["x"] * scale(info["sigma"])), **options)
     return out * scale(float(sigmas[-1])), trajectory
 
@@ -111,6 +111,21 @@ def test_lms(steps):
     ref = LMSDiscreteScheduler(timestep_spacing="leading", steps_offset=1, **SD)
     assert_same(ldm_run("lms", model, schedule, schedule.sigmas_for(steps, "leading"), vp=False),
                 diffusers_run(ref, model, steps))
+
+
+@pytest.mark.parametrize("steps", [10, 40])
+def test_lms_karras_with_fractional_timesteps(steps):
+    """LMSDiscreteScheduler feeds Karras levels' fractional timesteps; so does ldm where lms's hint says so."""
+    schedule = NoiseSchedule(ScheduleConfig())
+    model = TinyEps(schedule)
+    ref = LMSDiscreteScheduler(use_karras_sigmas=True, timestep_spacing="linspace", **SD)
+    assert schedule_hints_of("lms")["quantize"] is False
+    x_ref, trajectory_ref = diffusers_run(ref, model, steps)      # from latents · σ_max, in σ-space
+    sigmas = schedule.sigmas_for(steps, "karras")
+    trajectory = []
+    x = SAMPLERS["lms"](Denoiser(model, schedule, quantize=False), latents() * float(sigmas[0]), sigmas,
+                        callback=lambda info: trajectory.append(info["x"]))
+    assert_same((x, trajectory), (x_ref, trajectory_ref), atol=1e-4)
 
 
 def test_dpmpp_3m_sde_without_noise_is_dpm_solver_pp_3m():

@@ -103,6 +103,7 @@ def test_schedule_hints():
     assert schedule_hints_of("lcm") == {"spacing": "lcm"}
     assert schedule_hints_of("tcd") == {"spacing": "lcm", "final": "alpha0"}
     assert schedule_hints_of("unipc") == {"convention": "dpmsolver"}
+    assert schedule_hints_of("lms") == {"quantize": False}
     assert schedule_hints_of("euler") == {}
     with pytest.raises(ValueError, match="unknown sampler 'nope'"):
         schedule_hints_of("nope")

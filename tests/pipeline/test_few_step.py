@@ -19,7 +19,9 @@ def pipes(sd1_folder):
 
     theirs = StableDiffusionPipeline.from_pretrained(sd1_folder)
     theirs.set_progress_bar_config(disable=True)
-    return Pipeline.from_pretrained(sd1_folder), theirs
+    # the folder's own scheduler settings; "_use_default_values" would make from_config drop the changes below
+    config = {k: v for k, v in theirs.scheduler.config.items() if k != "_use_default_values"}
+    return Pipeline.from_pretrained(sd1_folder), theirs, config
 
 
 # (ldm call, diffusers scheduler class, its config changes, steps, guidance, eta)
@@ -30,6 +32,8 @@ CASES = [
     ("tcd", None, "TCDScheduler", {}, 4, 1.0, 0.3),
     ("unipc", None, "UniPCMultistepScheduler", {}, 8, 7.5, 0.0),
     ("lms", None, "LMSDiscreteScheduler", {}, 10, 7.5, 0.0),
+    ("lms", "karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True, "timestep_spacing": "linspace"}, 15, 7.5,
+     0.0),   # (linspace: diffusers starts from latents·σ_max, as ldm does on Karras levels)
     ("euler", "trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, 4, 1.0, 0.0),
 ]
 
@@ -38,8 +42,9 @@ CASES = [
 def test_matches_diffusers(pipes, sampler, spacing, cls, changes, steps, guidance, eta):
     import diffusers
 
-    ours, theirs = pipes
-    theirs.scheduler = getattr(diffusers, cls).from_config({**theirs.scheduler.config, **changes})
+    ours, theirs, config = pipes
+    theirs.scheduler = getattr(diffusers, cls).from_config({**config, **changes})
+    assert all(theirs.scheduler.config[k] == v for k, v in changes.items())
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = theirs(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=latents, height=16,
                       width=16, output_type="np", eta=eta, generator=torch.Generator().manual_seed(11)).images
@@ -49,7 +54,7 @@ def test_matches_diffusers(pipes, sampler, spacing, cls, changes, steps, guidanc
 
 
 def test_lcm_and_tcd_use_the_lcm_grid_and_record_it(pipes):
-    ours, _ = pipes
+    ours = pipes[0]
     seen = []
     images = ours(PROMPT, steps=4, guidance=1.0, sampler="lcm", seed=0, height=16, width=16, progress=False,
                   callback=seen.append)
@@ -61,7 +66,7 @@ def test_lcm_and_tcd_use_the_lcm_grid_and_record_it(pipes):
 
 @pytest.mark.parametrize("spacing", ["sgm_uniform", "simple", "beta", "ays"])
 def test_community_spacings_run_and_are_recorded(pipes, spacing):
-    ours, _ = pipes
+    ours = pipes[0]
     seen = []
     images = ours(PROMPT, steps=5, sampler="dpmpp_2m", spacing=spacing, seed=0, height=16, width=16,
                   progress=False, callback=seen.append)
@@ -77,7 +82,7 @@ def test_community_spacings_run_and_are_recorded(pipes, spacing):
     (dict(spacing="ays_sd3"), r"unknown spacing 'ays_sd3'; known spacings: leading, .*beta, ays, ays_sdxl"),
 ])
 def test_bad_few_step_requests_fail_before_any_model_runs(pipes, monkeypatch, kwargs, match):
-    ours, _ = pipes
+    ours = pipes[0]
 
     def forbidden(*args, **kw):
         raise AssertionError("a model ran before the input was checked")
