@@ -66,6 +66,7 @@ class VAEFile:
     kind: str                       # "kl" | "tiny"
     path: Path                      # what the caller named
     files: list[Path] = field(default_factory=list)   # the weight files read
+    hash_path: Path | None = None   # what the hash is taken over, where not ``hashed``'s default
 
     @property
     def name(self) -> str:
@@ -73,7 +74,10 @@ class VAEFile:
 
     @property
     def hashed(self) -> Path:
-        """What the hash is taken over: the file named (a TAESD pair: its decoder), or the folder."""
+        """What the hash is taken over: the file named (a TAESD pair: its decoder), or the VAE's folder (a
+        pipeline folder's vae/; a folder of TAESD halves: its decoder)."""
+        if self.hash_path is not None:
+            return self.hash_path
         return self.path if self.path.is_dir() or not self.files else self.files[0]
 
 
@@ -340,7 +344,7 @@ def _comfy_taesd(path: Path, shapes: dict, dtype) -> VAEFile:
 def _folder(path: Path, dtype, scaling_factor, shift_factor, sample_size) -> VAEFile:
     if (path / "model_index.json").is_file() and (path / "vae").is_dir():
         inner = _folder(path / "vae", dtype, scaling_factor, shift_factor, sample_size)
-        inner.path = path
+        inner.hash_path, inner.path = inner.path, path
         return inner
     if (path / "config.json").is_file():
         raw = read_json(path / "config.json")
@@ -363,7 +367,7 @@ def _folder(path: Path, dtype, scaling_factor, shift_factor, sample_size) -> VAE
     decoders = sorted(f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES and "decoder" in f.stem)
     if len(decoders) == 1:
         result = _original_pair(decoders[0], "decoder", dtype)
-        result.path = path
+        result.hash_path, result.path = decoders[0], path
         return result
     if decoders:
         raise CheckpointError(f"{path}: several TAESD decoders ({', '.join(f.name for f in decoders)}); "

@@ -315,3 +315,14 @@ def test_a_vae_given_as_a_model_says_to_swap_it_in(kl, taesd):
     for path in (kl[1] / "vae-ft-tiny.safetensors", taesd[1] / "taesd_decoder.pth"):
         with pytest.raises(CheckpointError, match="looks like a VAE on its own: swap it in with --vae"):
             describe(path)
+
+
+def test_a_pipeline_folder_lends_its_vae(folder, kl):
+    from ldm.pipeline.vae_swap import vae_metadata
+    from ldm.pipeline.png_info import weights_hash
+
+    pipe = Pipeline.from_pretrained(folder)
+    own = ldm_images(pipe, noise())
+    pipe.load_vae(kl[1] / "vae-folder").load_vae(folder)        # away and back: the model's own VAE again
+    assert np.abs(ldm_images(pipe, noise()) - own).max() == 0
+    assert vae_metadata(pipe) == {"vae": folder.name, "vae_hash": weights_hash(folder / "vae")}
