@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from gaussian import GaussianMixture  # noqa: E402
 
 from ldm.denoiser import Denoiser  # noqa: E402
-from ldm.samplers import SAMPLERS  # noqa: E402
+from ldm.samplers import SAMPLERS, schedule_hints_of  # noqa: E402
 from ldm.schedules import NoiseSchedule, ScheduleConfig  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -102,7 +102,8 @@ class Counter:
 
 def run_ldm(name, net, schedule, steps, spacing, n, seed, **options):
     counter = Counter(net)
-    denoiser = Denoiser(counter, schedule)
+    # integer timesteps unless the sampler's hint says otherwise (lms: fractional), as the pipeline runs it
+    denoiser = Denoiser(counter, schedule, quantize=schedule_hints_of(name).get("quantize", True))
     final = "alpha0" if spacing == "leading" else "zero"
     sigmas = schedule.sigmas_for(steps, spacing, final=final)
     g = torch.Generator().manual_seed(seed)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.pipeline import images as img
-from ldm.pipeline.control import as_controls, controlling
+from ldm.pipeline.control import as_controls, control_info, controlling
 
 # keyword options that run a request rather than describe it
 _RUN_OPTIONS = ("callback", "progress", "output_type", "control")
@@ -36,7 +36,8 @@ class Applications:
         z0 = self._repeat(self.encode_images(img.to_tensor(source)), req.batch)
         generators = self.generators(req.seeds)
         z = self._from_latents(req, z0, strength, generators, run)
-        return self.finish(z, req, run["output_type"], mode="img2img", strength=strength)
+        return self.finish(z, req, run["output_type"], mode="img2img", strength=strength,
+                           **control_info(run["control"]))
 
     # ------------------------------------------------------------------ inpainting
     def inpaint(self, prompt, image, mask, strength: float = 1.0, *, paste_back: bool = True, **options):
@@ -60,12 +61,13 @@ class Applications:
             keep = 1.0 - F.max_pool2d((mask_px >= 0.5).float(), self.vae_scale_factor).to(self.device)
             z = self._from_latents(req, z0, strength, generators, run, known=(z0, keep))
             z = keep * z0 + (1.0 - keep) * z  # the last step lands on the clean latents (diffusers does the same)
+        info = dict(mode="inpaint", strength=strength, **control_info(run["control"]))
         if run["output_type"] == "latent" or not paste_back:
-            return self.finish(z, req, run["output_type"], mode="inpaint", strength=strength)
+            return self.finish(z, req, run["output_type"], **info)
         decoded = img.to_unit(self.decode_latents(z))
         alpha = mask_px[0, 0, :, :, None].numpy()
         unit = alpha * decoded + (1.0 - alpha) * img.to_unit(pixels)
-        return self.output(unit.astype(np.float32), req, run["output_type"], mode="inpaint", strength=strength)
+        return self.output(unit.astype(np.float32), req, run["output_type"], **info)
 
     def inpaint_conditioning(self, pixels: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra inputs of a 9-channel inpainting U-Net: the binarized mask at latent size (nearest) and the

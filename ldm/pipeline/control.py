@@ -352,6 +352,24 @@ def controlling(pipe, control, req, sigmas: torch.Tensor):
         pipe._controls, pipe._network = previous
 
 
+# A1111's labels of the control modes, as sd-webui-controlnet writes them into the infotext
+MODE_LABELS = {"balanced": "Balanced", "prompt": "My prompt is more important",
+               "control": "ControlNet is more important"}
+
+
+def control_info(control) -> dict[str, str]:
+    """The units of a request as sd-webui-controlnet records them in A1111's infotext: ``ControlNet i`` ->
+    "Module: none, Model: NAME, Weight: ..., Guidance Start: ..., Guidance End: ..., Control Mode: ..." (ldm runs
+    no preprocessor: the image given is the control image, A1111's module "none")."""
+    info = {}
+    for i, c in enumerate(as_controls(control)):
+        module = "ip-adapter" if c.model.kind == IP_ADAPTER else "none"
+        info[f"ControlNet {i}"] = (f"Module: {module}, Model: {c.model.name or c.model.kind}, Weight: {c.scale}, "
+                                   f"Resize Mode: Just Resize, Guidance Start: {c.start}, Guidance End: {c.end}, "
+                                   f"Control Mode: {MODE_LABELS[c.mode]}" + (", Guess Mode: True" if c.guess else ""))
+    return info
+
+
 def load_unit(pipe, path, image_encoder=None) -> ControlModel:
     """``Pipeline.load_control``: a ControlNet / T2I-Adapter / IP-Adapter file or folder, checked against the
     pipeline's U-Net; an IP-Adapter with its CLIP image encoder (a transformers folder)."""

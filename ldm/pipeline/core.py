@@ -33,7 +33,7 @@ from ldm.pipeline import images as img
 from ldm.pipeline import prompting, vae_swap
 from ldm.pipeline.applications import Applications
 from ldm.pipeline.conditioning import SizeConditioning, TextConditioner
-from ldm.pipeline.control import controlling, load_unit
+from ldm.pipeline.control import control_info, controlling, load_unit
 from ldm.pipeline.memory import check_memory
 from ldm.pipeline.openvino_backend import OpenVINONetwork, resolve_backend, unet_runner, vae_runner
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
@@ -176,7 +176,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
             denoiser = self.guided_denoiser(req, {**extra, **hints})
             x = noise.to(self.device, torch.float32) * self.initial_scale(sigmas, req.spacing)
             z = self.sample(denoiser, x, sigmas, req, generators, callback, progress)
-        return self.finish(z, req, output_type, **{"Lora hashes": hashes or None})
+        return self.finish(z, req, output_type, **{"Lora hashes": hashes or None}, **control_info(control))
 
     # ------------------------------------------------------------------ validation (before any heavy work)
     def request(self, prompt, negative_prompt=None, steps=None, guidance=None, sampler="dpmpp_2m", height=None,

@@ -116,6 +116,7 @@ class GenerationInfo:
             pairs.append(("Denoising strength", _number(self.extra["strength"])))
         if self.extra.get("Lora hashes"):
             pairs.append(("Lora hashes", self.extra["Lora hashes"]))
+        pairs += [(k, v) for k, v in self.extra.items() if k.startswith("ControlNet ")]   # ldm.pipeline.control
         text = self.prompt
         if self.negative_prompt:
             text += f"\nNegative prompt: {self.negative_prompt}"

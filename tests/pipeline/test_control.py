@@ -307,3 +307,18 @@ def test_sd2_controlnet_from_an_original_file_matches_diffusers(tmp_path):
     got = ours(pipe, Control(pipe.load_control(path), image, scale=1.2))
     assert np.abs(got - expected).max() <= 2 / 255
     assert np.abs(ours(pipe, None) - expected).max() > 0.03
+
+
+def test_png_metadata_records_the_units_as_a1111(models, tmp_path):
+    from ldm.pipeline.png_info import info_from_parameters, read_png_info, save_png
+
+    pipe = models["pipe"]
+    unit = pipe.load_control(models["tmp"] / "cn0")
+    image = pipe("a turtle", steps=2, height=16, width=16, progress=False,
+                 control=[Control(unit, edges(), 0.8, 0.1, 0.9, mode="prompt")])[0]
+    text = image.info["parameters"]
+    assert ('ControlNet 0: "Module: none, Model: cn0, Weight: 0.8, Resize Mode: Just Resize, Guidance Start: 0.1, '
+            'Guidance End: 0.9, Control Mode: My prompt is more important"') in text
+    assert info_from_parameters(text).extra["ControlNet 0"].startswith("Module: none, Model: cn0")
+    save_png(image, tmp_path / "controlled.png")
+    assert read_png_info(tmp_path / "controlled.png").extra["ControlNet 0"].startswith("Module: none")
