@@ -172,7 +172,8 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
             gray = torch.zeros(1, 3, req.height, req.width)
             extra = self.inpaint_conditioning(gray, torch.ones(1, 1, req.height, req.width))
             extra = {k: v.expand(req.batch, *v.shape[1:]) for k, v in extra.items()}
-        with controlling(self, control, req, sigmas) as hints, self.prompt_loras(req.prompts) as hashes:
+        # prompt LoRAs first: they find the U-Net's layers by name, which an IP-Adapter's layers wrap for the call
+        with self.prompt_loras(req.prompts) as hashes, controlling(self, control, req, sigmas) as hints:
             denoiser = self.guided_denoiser(req, {**extra, **hints})
             x = noise.to(self.device, torch.float32) * self.initial_scale(sigmas, req.spacing)
             z = self.sample(denoiser, x, sigmas, req, generators, callback, progress)

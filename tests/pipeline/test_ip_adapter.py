@@ -123,3 +123,22 @@ def test_ip_adapter_needs_its_encoder_and_a_matching_model(setup, tmp_path):
               str(tmp_path / "ip-other.safetensors"))
     with pytest.raises(CheckpointError, match="ip-other.safetensors: an IP-Adapter for a U-Net with 1 cross-attention"):
         pipe.load_control(tmp_path / "ip-other.safetensors", image_encoder=setup["tmp"] / "image_encoder")
+
+
+def test_ip_adapter_with_a_prompt_lora(setup):
+    """A <lora:...> tag in the prompt patches the U-Net's layers by name while the IP layers are in place."""
+    from adapter_files import diffusers_pipeline, peft_lora_file
+
+    loras = setup["tmp"] / "loras"
+    if not (loras / "style.safetensors").exists():
+        lora, _ = peft_lora_file(diffusers_pipeline(setup["folder"]), loras)
+        lora.rename(loras / "style.safetensors")
+    pipe = Pipeline.from_pretrained(setup["folder"], lora_dir=loras)
+    unit = pipe.load_control(setup["files"]["base"].with_suffix(".bin"), image_encoder=setup["tmp"] / "image_encoder")
+    control = Control(unit, reference(), 0.6)
+    tagged = pipe(f"{PROMPT} <lora:style:0.8>", steps=3, height=16, width=16, seed=1, output_type="np",
+                  progress=False, control=control)
+    handle = pipe.load_lora(loras / "style.safetensors", 0.8)
+    loaded = pipe(PROMPT, steps=3, height=16, width=16, seed=1, output_type="np", progress=False, control=control)
+    handle.remove()
+    np.testing.assert_allclose(tagged, loaded, atol=1e-5)
