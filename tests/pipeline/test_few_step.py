@@ -92,3 +92,11 @@ def test_bad_few_step_requests_fail_before_any_model_runs(pipes, monkeypatch, kw
     monkeypatch.setattr(ours, "_network", forbidden)
     with pytest.raises(ValueError, match=match):
         ours.request(PROMPT, **{"height": 16, "width": 16, **kwargs})
+
+
+def test_align_your_steps_follows_the_model_family(pipes, monkeypatch):
+    ours = pipes[0]
+    assert ours.request(PROMPT, spacing="ays", height=16, width=16).spacing == "ays"
+    monkeypatch.setattr(ours.components.info, "family", "sdxl")
+    req = ours.request(PROMPT, steps=7, spacing="ays", height=16, width=16)
+    assert req.spacing == "ays_sdxl" and ours.sigmas(req).tolist() == ours.schedule.sigmas_for(7, "ays_sdxl").tolist()
