@@ -62,8 +62,8 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
 
 
 def schedule_hints_of(name: str) -> dict:
-    """The σ layout the sampler's reference scheduler uses where the caller names none: {"spacing": ...,
-    "final": "alpha0", "convention": ...}, each key only where it differs from the model's own (``base``)."""
+    """How the sampler's reference scheduler runs where the caller says nothing: {"spacing": ..., "final":
+    "alpha0", "convention": ..., "quantize": False}, each key only where it differs from the default (``base``)."""
     return dict(getattr(SAMPLERS[name], "schedule_hints", {}))
 
 
