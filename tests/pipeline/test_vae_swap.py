@@ -326,3 +326,16 @@ def test_a_pipeline_folder_lends_its_vae(folder, kl):
     pipe.load_vae(kl[1] / "vae-folder").load_vae(folder)        # away and back: the model's own VAE again
     assert np.abs(ldm_images(pipe, noise()) - own).max() == 0
     assert vae_metadata(pipe) == {"vae": folder.name, "vae_hash": weights_hash(folder / "vae")}
+
+
+def test_openvino_backend_decodes_through_the_swapped_vae(folder, taesd, tmp_path, monkeypatch):
+    """The default backend where OpenVINO is installed exports the VAE decoder: it must follow the swap."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
+    ov = Pipeline.from_pretrained(folder, backend="openvino")
+    torch_pipe = Pipeline.from_pretrained(folder, backend="torch")
+    assert ov.backend == "openvino"
+    z = noise()
+    torch.testing.assert_close(ov.decode_latents(z), torch_pipe.decode_latents(z), atol=1e-4, rtol=1e-4)  # exported
+    ov.load_vae(taesd[1] / "taesd"), torch_pipe.load_vae(taesd[1] / "taesd")
+    torch.testing.assert_close(ov.decode_latents(z), torch_pipe.decode_latents(z), atol=1e-4, rtol=1e-4)
