@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ldm.models.checkpointing import Checkpointed
-from ldm.models.conv import map_to_tokens, tokens_in, tokens_out, tokens_to_map
+from ldm.models.conv import graph_capture, map_to_tokens, tokens_in, tokens_out, tokens_to_map
 
 BACKENDS = ("sdpa", "xformers", "sliced")
 
@@ -150,7 +150,7 @@ class Attention(nn.Module):
         parameters (identity, storage, in-place version) are unchanged: exactly what a fresh projection gives.
         Layers whose weight is computed (a parametrization such as LoRA) or hooked are never cached."""
         layers = (self.to_k, self.to_v)
-        if (torch.is_grad_enabled() or not self.cache_kv or torch.compiler.is_compiling()
+        if (torch.is_grad_enabled() or not self.cache_kv or graph_capture()
                 or any(_computed(layer) for layer in layers)):
             return self.to_k(context), self.to_v(context)
         params = [(id(p), p.data_ptr(), p._version) for layer in layers for p in layer.parameters()]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.checkpointing import Checkpointed
-from ldm.models.conv import Conv2d
+from ldm.models.conv import Conv2d, graph_capture
 from ldm.models.upsample import Upsample
 
 # Builds the attention module that follows each resnet of a stage, given the stage's channel count.
@@ -47,7 +47,7 @@ def per_row(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torc
     the matrix-vector kernel, whose result depends on the weight's address alignment (a model loaded from a
     single file and from a folder then differ); two identical rows take the GEMM kernel, which does not. The
     cost is B small GEMMs (a few per resnet, on vectors, not maps)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():   # a compiled graph picks its own kernels
+    if torch.is_grad_enabled() or graph_capture():   # a compiled graph picks its own kernels
         return fn(x)
     return torch.cat([fn(row.expand(2, -1))[:1] for row in x.split(1)])
 

@@ -81,6 +81,13 @@ def _page_out(t: torch.Tensor) -> None:
         madvise(lo, hi - lo, MADV_PAGEOUT)   # advisory: an old kernel's EINVAL changes nothing
 
 
+def graph_capture() -> bool:
+    """True while a compiler or tracer records the network (torch.compile, torch.export, torch.jit.trace, which
+    OpenVINO's converter uses): the eager-only fast paths (packed weights, caches, per-row kernels) step aside
+    so the graph holds plain operators, which the compiler fuses and lays out itself."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _channels_last(x: torch.Tensor) -> bool:
     """Strictly channels-last (a tensor that is both, e.g. 1×1 maps, counts as plain contiguous)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -177,7 +184,7 @@ class Conv2d(nn.Conv2d):
         return x.shape[0] * h * w
 
     def _fast_path_applies(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or parametrize.is_parametrized(self) or self._plain_weight() is None:
+        if graph_capture() or parametrize.is_parametrized(self) or self._plain_weight() is None:
             return False
         return (self.prepack and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
                 and x.dtype in PACKED_DTYPES and self._plain_weight().dtype == x.dtype
@@ -274,7 +281,7 @@ def unpack(module: nn.Module) -> nn.Module:
 def inference_layout(x: torch.Tensor) -> torch.Tensor:
     """x in channels-last order when a network runs CPU inference on it (no autograd, `Conv2d.channels_last`),
     else x itself; see the module docstring."""
-    if (Conv2d.channels_last and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if (Conv2d.channels_last and not torch.is_grad_enabled() and not graph_capture()
             and x.device.type == "cpu" and x.dim() == 4):
         return x.contiguous(memory_format=torch.channels_last)
     return x

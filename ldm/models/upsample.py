@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.conv import PACKED_DTYPES, Conv2d
+from ldm.models.conv import PACKED_DTYPES, Conv2d, graph_capture
 
 SUBPIXEL_MIN_POSITIONS = 1024   # upsampled height x width of one image from which the sub-pixel path runs
 
@@ -78,7 +78,7 @@ class Upsample(nn.Module):
 
     def _subpixel_applies(self, x: torch.Tensor, size: Sequence[int] | None) -> bool:
         h, w = x.shape[-2:]
-        return (self.subpixel and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return (self.subpixel and not torch.is_grad_enabled() and not graph_capture()
                 and x.device.type == "cpu" and x.dim() == 4
                 and (size is None or tuple(size) == (2 * h, 2 * w)) and x.dtype in PACKED_DTYPES
                 and self.conv._plain_weight().dtype == x.dtype and 4 * h * w >= SUBPIXEL_MIN_POSITIONS)

@@ -14,8 +14,9 @@ of a batch run as parallel requests, one per stream (`streams` = 2 on 2+ threads
 Small convolutions do not split well over threads; two independent rows do. It also makes batch invariance
 exact by construction: a row's arithmetic is that of the one compiled batch-1 graph, whatever its batch mates.
 
-Conversion: `torch.export` of the module (ldm's eager-only fast paths step aside under export: packed
-convolutions, the sub-pixel upsampler, the K/V cache), then `openvino.convert_model`. The converted IR is cached
+Conversion: `openvino.convert_model` over a TorchScript trace of the module (ldm's eager-only fast paths step
+aside while a tracer records: packed convolutions, the sub-pixel upsampler, the K/V cache; ldm.models.conv.
+graph_capture). The converted IR is cached
 on disk (`cache_dir()`: $LDM_CACHE_DIR/openvino, default ~/.cache/ldm/openvino) under a key made of the
 weights' bytes, the module's class and config, the input shapes and the versions of ldm, torch and OpenVINO,
 so a LoRA, another model or another release never reuses a stale graph; a cache entry that does not load is
@@ -101,6 +102,16 @@ def _parameters(module: nn.Module):
                     yield f"{prefix}.{name}", p
 
 
+def _restore_released(module: nn.Module) -> None:
+    """Give lean convolutions their plain weights back (ldm.models.conv) before the weights are read whole: a
+    digest or a tracer reads the parameter dicts directly, where a released weight is an empty tensor."""
+    from ldm.models.conv import Conv2d
+
+    for layer in module.modules():
+        if isinstance(layer, Conv2d):
+            layer._restore()
+
+
 def weights_state(module: nn.Module) -> tuple:
     """Cheap identity of the module's current weights: (id, storage, in-place version) of each tensor. LoRAs
     write into the weights in place, which bumps the version (ldm.checkpoints.adapters.patches)."""
@@ -109,6 +120,7 @@ def weights_state(module: nn.Module) -> tuple:
 
 def weights_digest(module: nn.Module) -> str:
     """BLAKE2 digest of every parameter's and buffer's name, dtype, shape and bytes."""
+    _restore_released(module)
     h = hashlib.blake2b(digest_size=20)
     for name, p in _parameters(module):
         t = p.detach().cpu().contiguous()
@@ -121,6 +133,8 @@ class OpenVINONetwork(nn.Module):
     """`module(*rows)` through OpenVINO: forward(x, *args, **kwargs) with tensors whose first dimension is the
     batch; each row runs through one compiled batch-1 graph (see the module docstring). `module` itself takes
     and returns tensors in `dtype`; the graph's interface is float32 (numpy has no bfloat16)."""
+
+    extra_config: dict[str, str] = {}      # more OpenVINO compile options (a profiler sets PERF_COUNT here)
 
     def __init__(self, module: nn.Module, dtype: torch.dtype, *, name: str, threads: int | None = None,
                  streams: int | None = None):
@@ -156,23 +170,35 @@ class OpenVINONetwork(nn.Module):
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
     def _convert(self, args, kwargs):
+        """ov.convert_model over a TorchScript trace of the module (OpenVINO's PyTorch frontend; its graphs of
+        ldm's U-Net ran 1.3x faster than those of the torch.export route, measured in docs/benchmarks.md)."""
         import openvino as ov
 
+        names = list(kwargs)
+        positional = len(args)
         module, dtype = self.module, self.dtype
 
-        class Float32Interface(nn.Module):     # float32 in and out; the network in its own dtype inside
+        class Float32Interface(nn.Module):     # positional float32 in and out; the network in its dtype inside
             def __init__(self):
                 super().__init__()
                 self.inner = module
 
-            def forward(self, *a, **k):
-                cast = [v.to(dtype) if v.is_floating_point() else v for v in a]
-                kw = {n: v.to(dtype) if v.is_floating_point() else v for n, v in k.items()}
-                return self.inner(*cast, **kw).float()
+            def forward(self, *inputs):
+                cast = [v.to(dtype) if v.is_floating_point() else v for v in inputs]
+                return self.inner(*cast[:positional], **dict(zip(names, cast[positional:]))).float()
 
-        with torch.no_grad():
-            exported = torch.export.export(Float32Interface().eval(), tuple(args), kwargs=dict(kwargs))
-            return ov.convert_model(exported)
+        from ldm.models.conv import Conv2d, pack_for_inference, unpack
+
+        # The tracer checks its graph against a second eager run, in which a lean convolution would pack and
+        # release the very weight the graph holds: convert with plain weights, lean again afterwards.
+        lean = [layer for layer in module.modules() if isinstance(layer, Conv2d) and layer.__dict__.get("_lean")]
+        unpack(module)
+        try:
+            with torch.no_grad():
+                return ov.convert_model(Float32Interface().eval(), example_input=tuple([*args, *kwargs.values()]))
+        finally:
+            for layer in lean:
+                pack_for_inference(layer)
 
     def _load_or_convert(self, signature, args, kwargs):
         import openvino as ov
@@ -204,10 +230,13 @@ class OpenVINONetwork(nn.Module):
         requests = self._compiled.get(signature)
         if requests is None:
             model = self._load_or_convert(signature, args, kwargs)
+            # the converted graph keeps its dimensions open; static shapes let the CPU plugin plan every layer
+            shapes = [tuple(v.shape) for v in (*args, *kwargs.values())]
+            model.reshape({port: shape for port, shape in zip(model.inputs, shapes)})
             config = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": str(self.threads),
                       "NUM_STREAMS": str(self.streams),
                       "PERFORMANCE_HINT": "THROUGHPUT" if self.streams > 1 else "LATENCY",
-                      "CACHE_DIR": str(cache_dir() / "blobs")}
+                      "CACHE_DIR": str(cache_dir() / "blobs"), **self.extra_config}
             compiled = _core().compile_model(model, "CPU", config)
             requests = self._compiled[signature] = [compiled.create_infer_request() for _ in range(self.streams)]
         return requests

@@ -92,7 +92,8 @@ def test_a_corrupt_cache_entry_is_rebuilt_not_trusted(sd1_folder, torch_pipe, ca
     assert all(xml.read_text().startswith("<?xml") for xml in cache.glob("unet-*/model.xml"))
 
 
-def test_a_graph_openvino_cannot_build_falls_back_to_pytorch_with_one_warning(sd1_folder, torch_pipe, monkeypatch):
+def test_a_graph_openvino_cannot_build_falls_back_to_pytorch_with_one_warning(sd1_folder, torch_pipe, monkeypatch,
+                                                                                cache):
     def broken(self, *args):
         raise RuntimeError("no such operator")
 
