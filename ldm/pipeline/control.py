@@ -352,6 +352,10 @@ def controlling(pipe, control, req, sigmas: torch.Tensor):
         pipe._controls, pipe._network = previous
 
 
+class NeedsImageEncoder(ValueError):
+    """An IP-Adapter loaded without its image encoder."""
+
+
 # A1111's labels of the control modes, as sd-webui-controlnet writes them into the infotext
 MODE_LABELS = {"balanced": "Balanced", "prompt": "My prompt is more important",
                "control": "ControlNet is more important"}
@@ -380,7 +384,7 @@ def load_unit(pipe, path, image_encoder=None) -> ControlModel:
         else IP_ADAPTER
     if kind == IP_ADAPTER:
         if image_encoder is None:
-            raise ValueError(f"{path}: an IP-Adapter needs its image encoder: pipe.load_control(path, "
+            raise NeedsImageEncoder(f"{path}: an IP-Adapter needs its image encoder: pipe.load_control(path, "
                              "image_encoder=FOLDER), a transformers CLIPVisionModelWithProjection folder")
         encoder = load_image_encoder(image_encoder, pipe.dtype)
         check_encoder(path, model, encoder[0])

@@ -3,6 +3,7 @@ StableDiffusionAdapterPipeline on tiny random models (DDIM, eta 0, the same late
 file layouts, per-image seeds and batch invariance, and the checks on Control's fields."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -322,3 +323,26 @@ def test_png_metadata_records_the_units_as_a1111(models, tmp_path):
     assert info_from_parameters(text).extra["ControlNet 0"].startswith("Module: none, Model: cn0")
     save_png(image, tmp_path / "controlled.png")
     assert read_png_info(tmp_path / "controlled.png").extra["ControlNet 0"].startswith("Module: none")
+
+
+def test_generate_command_takes_control_units(models, tmp_path, capsys):
+    from ldm.cli import main
+
+    edges().save(tmp_path / "edges.png")
+    unit = f"{models['tmp'] / 'cn0'}:{tmp_path / 'edges.png'}:0.8:0:0.5"
+    args = ["generate", "a turtle", "--model", str(models["folder"]), "--seed", "3", "--steps", "3", "--height",
+            "16", "--width", "16", "-q", "-o", str(tmp_path / "out.png"), "--control", unit]
+    assert main(args) == 0
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    expected = models["pipe"]("a turtle", seed=3, steps=3, height=16, width=16, progress=False,
+                              control=Control(models["pipe"].load_control(models["tmp"] / "cn0"), edges(), 0.8,
+                                              0.0, 0.5))[0]
+    np.testing.assert_array_equal(out, np.asarray(expected))
+    assert "ControlNet 0: " in Image.open(tmp_path / "out.png").info["parameters"]
+    for bad, message in ((f"{models['tmp'] / 'cn0'}", "expected MODEL:IMAGE"),
+                         (f"{models['tmp'] / 'cn0'}:{tmp_path / 'edges.png'}:1:0.6:0.2", "0 <= start <= end"),
+                         (f"{tmp_path / 'none.safetensors'}:{tmp_path / 'edges.png'}", "does not exist")):
+        with pytest.raises(SystemExit) if "does not exist" not in message else contextlib.nullcontext():
+            status = main([*args[:-1], bad])
+            assert status == 2
+        assert message in capsys.readouterr().err
