@@ -40,6 +40,7 @@ from ldm.models.ip_adapter import IPState, install, uninstall
 from ldm.models.t2i_adapter import T2IAdapter
 from ldm.pipeline import images as img
 
+MASKED = -1.0   # a control image's value for "no information here" (the inpainting ControlNet's masked pixels)
 HINT, FEATURE, STEP, UNCOND = "control_hint_", "control_feature_", "control_step", "control_uncond"
 IP_TOKENS, IP_NEGATIVE = "control_ip_", "control_ipneg_"     # an IP-Adapter's image tokens, and the "no image" ones
 # A1111's control modes (sd-webui-controlnet's ControlMode; its API sends the label or the index)
@@ -151,8 +152,9 @@ def prepare_image(image, height: int, width: int, channels: int = 3) -> torch.Te
         if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
             raise ValueError(f"control image array must be (H, W, 3) or (H, W), got shape {tuple(x.shape)}")
         x = x.float()[..., :3]
-        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-            raise ValueError("control image array must hold finite values in [0, 1]")
+        if not (((x >= 0) & (x <= 1)) | (x == MASKED)).all():   # NaN fails both
+            raise ValueError("control image array must hold finite values in [0, 1] (or -1: masked, for the "
+                             "inpainting ControlNet)")
         x = x.permute(2, 0, 1)[None]
         if tuple(x.shape[-2:]) != (height, width):
             x = F.interpolate(x, size=(height, width))
@@ -162,6 +164,16 @@ def prepare_image(image, height: int, width: int, channels: int = 3) -> torch.Te
         raise ValueError(f"control image must be a PIL image, a path or an (H, W, 3) array in [0, 1], got "
                          f"{type(image).__name__}")
     return x.contiguous()
+
+
+def inpaint_condition(image, mask) -> np.ndarray:
+    """The control image of SD's inpainting ControlNet (control_v11p_sd15_inpaint): the image in [0, 1] with the
+    pixels to repaint (mask >= 0.5) set to -1, as diffusers' examples make it; (H, W, 3) float32."""
+    source = img.load_image(image, "image")
+    array = np.asarray(source, dtype=np.float32) / 255.0
+    repaint = img.load_mask(mask, source.size)[0, 0].numpy() >= 0.5
+    array[repaint] = MASKED
+    return array
 
 
 def _place(unit: ControlModel, device: torch.device, dtype: torch.dtype) -> None:

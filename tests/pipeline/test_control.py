@@ -285,6 +285,14 @@ def test_control_in_img2img_and_inpaint(models):
                                       **{**run, "seed": 2, "num_images_per_prompt": 1})
         assert np.abs(plain - controlled).max() > 0.01
         np.testing.assert_array_equal(controlled[1], alone[0])   # per-image seeds, batch invariance
+    # SD's inpainting ControlNet takes the image with the pixels to repaint at -1
+    from ldm.pipeline.control import inpaint_condition
+
+    hint = inpaint_condition(source, Image.fromarray(np.uint8(mask * 255)))
+    assert (hint[:, W // 2:] == -1).all() and (hint[:, :W // 2] >= 0).all()
+    painted = pipe.inpaint("a turtle", source, Image.fromarray(np.uint8(mask * 255)), control=Control(unit, hint),
+                           **run)
+    assert np.abs(painted - plain).max() > 0.01
     with pytest.raises(ValueError, match="control must be a Control"):
         pipe.img2img("a turtle", source, control="canny")
     with pytest.raises(TypeError, match="denoise"):
