@@ -89,5 +89,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
     return DTYPES[key]
 
 
+def resolve_vae_dtype(vae_dtype: str | torch.dtype | None, dtype: str | torch.dtype | None = None,
+                      device: str | torch.device | None = None) -> torch.dtype:
+    """The VAE's dtype: ``vae_dtype`` when given; None -> bfloat16 when ``dtype`` is "auto" and gives bfloat16
+    (the fast setting is fast end to end: a bf16 decode keeps float32's exponent range, so nothing overflows,
+    and moves the images by a mean 0.7-0.8/255, docs/benchmarks.md), float32 otherwise (SD's VAEs overflow in
+    float16, so "auto" on CUDA still decodes in float32)."""
+    if vae_dtype is not None:
+        return resolve_dtype(vae_dtype, device)
+    auto = isinstance(dtype, str) and dtype.lower() == "auto"
+    return torch.bfloat16 if auto and resolve_dtype(dtype, device) == torch.bfloat16 else torch.float32
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

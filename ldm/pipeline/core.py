@@ -26,7 +26,7 @@ from ldm import assets
 from ldm.checkpoints import load, save_diffusers
 from ldm.checkpoints.adapters import Patches, load_adapter
 from ldm.denoiser import Denoiser
-from ldm.devices import dtype_name, resolve_device, resolve_dtype
+from ldm.devices import dtype_name, resolve_device, resolve_dtype, resolve_vae_dtype
 from ldm.guidance import classifier_free, conditioned
 from ldm.models.conv import pack_for_inference, unpack
 from ldm.pipeline import images as img
@@ -60,14 +60,15 @@ class DefaultModelMissing(FileNotFoundError):
 class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
     """Text-to-image (``__call__``) plus img2img / inpaint / denoise / anomaly / upscale (``Applications``)."""
 
-    def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=torch.float32, compile=False,
+    def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=None, compile=False,
                  source: str | Path | None = None, lean: bool | None = None, emphasis: bool = True,
                  lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
                  lora_strict: bool = True, backend: str | None = None):
         """``Pipeline()`` loads the shipped default model; ``components`` (``ldm.checkpoints.Components``) wraps
         models already in memory. ``dtype``: None = float32 (identical images everywhere); "auto" = the fast one
-        for the device (``ldm.devices.auto_dtype``: bf16 on CPUs with native bf16, fp16 on CUDA). ``vae_dtype``
-        other than float32 (or "auto") is a forced lower-precision decode, with a float32 fallback on NaN/inf.
+        for the device (``ldm.devices.auto_dtype``: bf16 on CPUs with native bf16, fp16 on CUDA). ``vae_dtype``:
+        None = bf16 under dtype="auto" on such a CPU, float32 otherwise (``ldm.devices.resolve_vae_dtype``);
+        anything below float32 is a lower-precision decode, with a float32 fallback on NaN/inf.
         ``lean``: keep one copy of each convolution weight, the CPU-packed one (``ldm.models.conv``; for SD 1.5
         in float32 that saves ~2 GB). Default: on when the Pipeline loaded the weights itself (``Pipeline()``,
         ``from_pretrained``), off for ``components`` whose tensors the caller may hold. Working on the weights
@@ -79,7 +80,8 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         (default; $LDM_BACKEND overrides it): OpenVINO runs the U-Net and the VAE decoder on the CPU when it is
         installed, PyTorch otherwise; or "torch" / "openvino" (``ldm.pipeline.openvino_backend``)."""
         self.device = resolve_device(device)
-        self.dtype, self.vae_dtype = resolve_dtype(dtype, self.device), resolve_dtype(vae_dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.vae_dtype = resolve_vae_dtype(vae_dtype, dtype, self.device)
         if components is None:
             components, source = _load_default(), assets.DEFAULT_MODEL
             lean = True if lean is None else lean
@@ -131,7 +133,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         return self
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, *, vae_dtype=torch.float32, compile=False,
+    def from_pretrained(cls, path, device=None, dtype=None, *, vae_dtype=None, compile=False,
                         lean: bool = True, **options) -> Pipeline:
         """Load an SD single file (.safetensors / .ckpt), a diffusers folder, or a folder saved by ldm."""
         path = Path(path)
@@ -140,7 +142,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
                              "diffusers/ldm model folder)")
         # fail on a bad name before loading gigabytes; read each network straight into its dtype
         dev = resolve_device(device)
-        components = load(path, dtype=resolve_dtype(dtype, dev), vae_dtype=resolve_dtype(vae_dtype, dev))
+        components = load(path, dtype=resolve_dtype(dtype, dev), vae_dtype=resolve_vae_dtype(vae_dtype, dtype, dev))
         return cls(components, device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path,
                    lean=lean, **options)
 

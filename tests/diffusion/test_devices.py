@@ -27,3 +27,14 @@ def test_cpu_flags_reads_this_machine():
     flags = devices.cpu_flags()
     assert isinstance(flags, frozenset)
     assert devices.cpu_has_native_bf16(frozenset({"avx512_bf16"})) and not devices.cpu_has_native_bf16(frozenset())
+
+
+def test_the_vae_follows_auto_into_bf16_only(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert devices.resolve_vae_dtype(None, "auto") == torch.bfloat16            # the fast setting, end to end
+    assert devices.resolve_vae_dtype(None, "bfloat16") == torch.float32         # asked-for bf16 U-Net: VAE fp32
+    assert devices.resolve_vae_dtype(None, None) == torch.float32
+    assert devices.resolve_vae_dtype(None, "auto", "cuda") == torch.float32     # fp16 VAEs overflow
+    assert devices.resolve_vae_dtype("bfloat16", None) == torch.bfloat16        # an explicit choice stands
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert devices.resolve_vae_dtype(None, "auto") == torch.float32
