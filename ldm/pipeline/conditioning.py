@@ -16,6 +16,7 @@ size: 6 for the image, 2.5 for the negative branch (diffusers' defaults). With `
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,11 +49,26 @@ class SizeConditioning:
 class TextConditioner:
     """Prompts -> the U-Net's condition dict, for any number of text encoders (see the module docstring)."""
 
+    cache_size = 64       # prompts whose conditions are kept (see encode_one)
+
     def __init__(self, encoders: Sequence, *, pooled: bool, aesthetic: bool = False, zeros_for_empty: bool = False):
         self.encoders = list(encoders)
         self.pooled = pooled                  # the U-Net takes text_embeds and time_ids (addition_embed_type)
         self.aesthetic = aesthetic            # time ids end in an aesthetic score (the refiner)
         self.zeros_for_empty = zeros_for_empty
+        self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+
+    def _state(self) -> tuple:
+        """What an encoding depends on besides the prompt and its options: each encoder's weights (identity,
+        storage and in-place version: LoRAs write into the weights, moving a model makes new storage) and its
+        textual-inversion vectors."""
+        state = []
+        for encoder in self.encoders:
+            state.extend((id(p), p.data_ptr(), p._version) for p in encoder.parameters())
+            extra = getattr(encoder, "_extra", None)
+            state.append(None if extra is None else (id(extra.vectors), extra.vectors._version))
+            state.append(tuple(getattr(encoder, "_vectors", {})))
+        return tuple(state)
 
     @classmethod
     def for_components(cls, components) -> TextConditioner:
@@ -75,7 +91,22 @@ class TextConditioner:
 
     def encode_one(self, prompt: str, clip_skip: int | None = None, emphasis: bool = True) -> dict[str, torch.Tensor]:
         """One prompt -> {"context": (1, L·k, D)} (+ {"text_embeds": (1, P)}), every encoder on its own tokens;
-        with ``emphasis``, read in A1111's syntax (``ldm.pipeline.prompting.encode_text``)."""
+        with ``emphasis``, read in A1111's syntax (``ldm.pipeline.prompting.encode_text``).
+
+        Without autograd the last ``cache_size`` results are kept and handed out again (as copies) while the
+        encoders' weights and embeddings are unchanged (``_state``): the empty negative prompt and a prompt drawn
+        again with other seeds cost nothing the second time, and give the very tensors a fresh encoding gives."""
+        if torch.is_grad_enabled():
+            return self._encode_one(prompt, clip_skip, emphasis)
+        key = (prompt, clip_skip, emphasis, self._state())
+        if key not in self._cache:
+            self._cache[key] = self._encode_one(prompt, clip_skip, emphasis)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return {k: v.clone() for k, v in self._cache[key].items()}
+
+    def _encode_one(self, prompt: str, clip_skip: int | None, emphasis: bool) -> dict[str, torch.Tensor]:
         contexts, pooled = [], None
         for k, encoder in enumerate(self.encoders):
             last = self.pooled and k == len(self.encoders) - 1

@@ -35,7 +35,8 @@ from ldm.pipeline.applications import Applications
 from ldm.pipeline.conditioning import SizeConditioning, TextConditioner
 from ldm.pipeline.control import control_info, controlling, load_unit
 from ldm.pipeline.memory import check_memory
-from ldm.pipeline.openvino_backend import OpenVINONetwork, resolve_backend, unet_runner, vae_runner
+from ldm.pipeline.openvino_backend import (OpenVINONetwork, resolve_backend, sampling_threads, unet_runner,
+                                           vae_runner)
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
 from ldm.pipeline.request import Request, as_negatives, as_prompts, as_seeds, finite, positive_int
 from ldm.rng import generators_for, randn
@@ -308,7 +309,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
                     callback(vae_swap.StepInfo(self, info))   # + info["preview"], made when read
 
             if steps > 0:
-                with torch.no_grad(), self.placed(self.unet):
+                with torch.no_grad(), self.placed(self.unet), sampling_threads(self):
                     x = fn(denoiser, x, sigmas, generator=generators, callback=on_step, **options)
         last = float(sigmas[-1])
         return x / math.sqrt(1.0 + last * last) if last > 0 else x

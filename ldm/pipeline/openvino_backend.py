@@ -30,6 +30,7 @@ missing or failing) runs the PyTorch module instead, with one warning when OpenV
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -242,11 +243,16 @@ class OpenVINONetwork(nn.Module):
         return requests
 
     # ---------------------------------------------------------------- running
+    def _eager(self, *args, **kwargs):
+        """The PyTorch module itself, with all the threads (the sampling loop keeps PyTorch at one)."""
+        with _torch_threads(max(self.threads, torch.get_num_threads())):
+            return self.module(*args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         inputs = [x, *args, *kwargs.values()]
         if self.failed or torch.is_grad_enabled() or not all(torch.is_tensor(v) for v in inputs) \
                 or x.device.type != "cpu":
-            return self.module(x, *args, **kwargs)
+            return self._eager(x, *args, **kwargs)
         b = x.shape[0]
         args = [a.reshape(-1).expand(b) if a.dim() == 0 or (a.numel() == 1 and b > 1) else a for a in args]
         rows = [[_row(v, i) for v in (x, *args)] for i in range(b)]
@@ -259,7 +265,7 @@ class OpenVINONetwork(nn.Module):
             self.failed = True
             warnings.warn(f"OpenVINO could not compile the {self.name} ({type(error).__name__}: {error}); running "
                           "it in PyTorch", RuntimeWarning, stacklevel=2)
-            return self.module(x, *args, **kwargs)
+            return self._eager(x, *args, **kwargs)
         import openvino as ov
 
         outs: list[torch.Tensor] = []
@@ -291,6 +297,27 @@ class _Decode(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae._image(z)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def sampling_threads(pipe):
+    """Context for the sampling loop: on the OpenVINO backend PyTorch keeps one thread while it runs. The
+    sampler's own arithmetic is a few element-wise ops on small tensors between U-Net calls, and PyTorch's
+    OpenMP workers spin-wait after each parallel region, on the very cores OpenVINO's streams are about to
+    use: measured on the default model (2 threads), a U-Net pair took 12.1 ms inside the loop against 8.8 ms
+    back to back, and 8.8 ms again with this. (The eager fallback gets its threads back.)"""
+    if not isinstance(pipe._network, OpenVINONetwork):
+        return contextlib.nullcontext()
+    return _torch_threads(1)
 
 
 def unet_runner(pipe) -> nn.Module:

@@ -126,3 +126,27 @@ def test_a1111_png_regenerated_from_png_uses_its_emphasis_and_lora_tag(sd1_folde
     literal = generate("literal.png", "--no-emphasis")
     assert np.asarray(literal).tolist() != np.asarray(ours).tolist()
     assert not pipe.adapters.owners()                              # the tag's LoRA came off after the call
+
+
+def test_a_prompt_is_encoded_once_and_again_after_its_encoder_changes(pipe):
+    conditioner, calls = pipe.conditioner, []
+    encode = conditioner._encode_one
+    conditioner._encode_one = lambda *args: calls.append(args[0]) or encode(*args)
+    try:
+        run = dict(steps=2, height=32, width=32, progress=False, output_type="np")
+        first = pipe("a (red:1.2) apple", seed=1, **run)
+        again = pipe("a (red:1.2) apple", seed=1, **run)
+        np.testing.assert_array_equal(first, again)                       # the very same conditions
+        assert calls == ["a (red:1.2) apple", ""]                          # prompt and empty negative, once
+        weight = pipe.text_encoder.input_embeddings().weight
+        saved = weight.detach().clone()
+        with torch.no_grad():                                               # a LoRA writes in place like this
+            weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+        try:
+            changed = pipe("a (red:1.2) apple", seed=1, **run)
+        finally:
+            with torch.no_grad():
+                weight.copy_(saved)
+        assert calls[2:] == ["a (red:1.2) apple", ""] and np.abs(changed - first).max() > 1e-3
+    finally:
+        del conditioner._encode_one
