@@ -122,7 +122,7 @@ def make_sdxl_folder(folder: Path, seed: int = 0, dtype=torch.float32) -> Path:
 
 
 def load_pipeline(lib: str, folder, *, device: str = "cpu", batch_invariant: bool = True, lean: bool = True,
-                  prepack: bool = True, dtype: str | None = None, vae_dtype: str = "float32",
+                  prepack: bool = True, dtype: str | None = None, vae_dtype: str | None = None,
                   micro_batch: int | None = None, compile: bool = False, backend: str | None = None):
     """(pipe, generate) for ``lib`` "ldm" (ldm.Pipeline) or "diffusers" (the folder's pipeline class,
     StableDiffusionPipeline or StableDiffusionXLPipeline, in float32, with DPMSolverMultistepScheduler) on ``folder``; ``generate(prompts, steps, size)`` samples both alike:

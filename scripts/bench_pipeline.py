@@ -176,7 +176,7 @@ def main() -> None:
     p.add_argument("--invariance", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--vae-dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--vae-dtype", default=None, help=argparse.SUPPRESS)
     p.add_argument("--micro-batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)

@@ -84,7 +84,6 @@ def load(lib: str, folder: Path, batched: bool, **ldm_options):
     watch = Stopwatch()
     watch.wrap(pipe.text_encoder, "forward", "text encoder")
     if getattr(pipe, "backend", "torch") == "openvino":
-        from ldm.pipeline import openvino_backend as ovb
 
         pipe.__dict__["_ov_unet"] = pipe._network
         watch.wrap(pipe, "_network", "U-Net")        # the compiled U-Net's rows, called by the denoiser
@@ -160,7 +159,8 @@ def main() -> None:
     p.add_argument("--batched", action="store_true", help="ldm with batch_invariant=False")
     p.add_argument("--keep", type=Path, default=None, help="build the weights folder here once and reuse it")
     p.add_argument("--dtype", default=None, help="ldm's dtype (bfloat16, auto, ...; default float32)")
-    p.add_argument("--vae-dtype", default="float32", help="ldm's vae_dtype")
+    p.add_argument("--vae-dtype", default=None,
+                   help="ldm's vae_dtype (default: ldm's own: bf16 under --dtype auto on a bf16 CPU, else float32)")
     p.add_argument("--backend", default="torch", choices=["torch", "openvino"], help="ldm's backend")
     a = p.parse_args()
     import torch
