@@ -84,7 +84,6 @@ def load(lib: str, folder: Path, batched: bool, **ldm_options):
     watch = Stopwatch()
     watch.wrap(pipe.text_encoder, "forward", "text encoder")
     if getattr(pipe, "backend", "torch") == "openvino":
-
         pipe.__dict__["_ov_unet"] = pipe._network
         watch.wrap(pipe, "_network", "U-Net")        # the compiled U-Net's rows, called by the denoiser
         watch.wrap(pipe, "decode_latents", "VAE decode")
