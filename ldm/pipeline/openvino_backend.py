@@ -188,11 +188,15 @@ class OpenVINONetwork(nn.Module):
                 return self.inner(*cast[:positional], **dict(zip(names, cast[positional:]))).float()
 
         from ldm.models.conv import Conv2d, pack_for_inference, unpack
+        from ldm.models.upsample import Upsample
 
         # The tracer checks its graph against a second eager run, in which a lean convolution would pack and
         # release the very weight the graph holds: convert with plain weights, lean again afterwards.
         lean = [layer for layer in module.modules() if isinstance(layer, Conv2d) and layer.__dict__.get("_lean")]
         unpack(module)
+        for layer in module.modules():
+            if isinstance(layer, Upsample) and layer.subpixel:
+                layer._folded()     # folded before tracing: the graph holds the kernel as a constant
         try:
             with torch.no_grad():
                 return ov.convert_model(Float32Interface().eval(), example_input=tuple([*args, *kwargs.values()]))

@@ -92,3 +92,17 @@ def test_fold_weight_rejects_other_kernels():
     assert folded[0, 0].tolist() == [[1.0, 2.0], [2.0, 4.0]]
     x = torch.randn(1, 3, 5, 5)
     assert subpixel_upsample_conv(x, folded, None).shape == (1, 2, 10, 10)
+
+
+def test_a_traced_graph_takes_the_subpixel_form_in_plain_operators():
+    # what OpenVINO's converter records (torch.jit.trace): conv, crops, stack, pixel_shuffle; no strided writes
+    torch.manual_seed(0)
+    up = Upsample(8).eval()
+    x = torch.randn(1, 8, 16, 16)
+    with torch.no_grad():
+        expected = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        up._folded()
+        traced = torch.jit.trace(up, (x,), check_trace=False)
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "aten::pixel_shuffle" in kinds and "aten::upsample_nearest2d" not in kinds
+    torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
