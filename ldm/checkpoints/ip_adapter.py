@@ -4,15 +4,17 @@ Files: tencent-ailab's ``.bin`` (``{"image_proj": {...}, "ip_adapter": {...}}``,
 ``.safetensors`` (``image_proj.*``, ``ip_adapter.*``); the projection (base, Plus / Plus-face, Full-face) and every
 width come from the shapes (``ldm.models.ip_adapter``). The image encoder: a transformers
 ``CLIPVisionModelWithProjection`` folder (config.json + weights; its ``preprocessor_config.json`` when present,
-else CLIP's preprocessing at the encoder's image size, as diffusers' ``load_ip_adapter`` sets it up).
+else CLIP's preprocessing at the encoder's image size, as diffusers' ``load_ip_adapter`` sets it up), or a single
+file of one (ComfyUI's ``clip_vision`` files), its config inferred from the shapes.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-from ldm.checkpoints.tensor_io import CheckpointError, error_list
+from ldm.checkpoints.tensor_io import CheckpointError, error_list, load_tensors
 from ldm.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attention_layers
 from ldm.models.unet import UNet
 
@@ -86,14 +88,60 @@ def load_ip_adapter(path, tensors: dict, unet: UNet | None) -> IPAdapter:
     return model.eval().requires_grad_(False)
 
 
+VISION_PREFIX = "vision_model."
+# OpenCLIP ViT-H/14 and ViT-bigG/14, the IP-Adapters' encoders: 16 heads, GELU (OpenAI's ViT-L/14 has QuickGELU).
+VISION_HEADS, VISION_ACT = 16, "gelu"
+
+
+def infer_vision_config(path, shapes: dict):
+    """A CLIPVisionConfig from a transformers CLIPVisionModelWithProjection state dict's shapes. Heads and the
+    activation are not in the shapes: 16 heads for widths of 1024 and more (ViT-L, H, bigG), else 64 channels a
+    head; GELU, as the OpenCLIP towers IP-Adapters were trained with."""
+    from transformers import CLIPVisionConfig
+
+    try:
+        hidden, _, patch, _ = shapes[VISION_PREFIX + "embeddings.patch_embedding.weight"]
+        positions = shapes[VISION_PREFIX + "embeddings.position_embedding.weight"][0]
+        return CLIPVisionConfig(
+            hidden_size=hidden, patch_size=patch, image_size=patch * math.isqrt(positions - 1),
+            intermediate_size=shapes[VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight"][0],
+            num_hidden_layers=_count(shapes, VISION_PREFIX + "encoder.layers.{}.mlp.fc1.weight"),
+            num_attention_heads=VISION_HEADS if hidden >= 1024 else max(1, hidden // 64),
+            projection_dim=shapes["visual_projection.weight"][0], hidden_act=VISION_ACT)
+    except KeyError as exc:
+        raise CheckpointError(f"image encoder {path}: not a CLIP vision model with projection (no {exc.args[0]})") \
+            from None
+
+
+def _encoder_from_file(path: Path, dtype):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    tensors = load_tensors(path, dtype)
+    config = infer_vision_config(path, {k: tuple(v.shape) for k, v in tensors.items()})
+    encoder = CLIPVisionModelWithProjection(config)   # not on meta: its position ids are a non-persistent buffer
+    keys = set(encoder.state_dict())
+    missing, unexpected = sorted(keys - set(tensors)), sorted(set(tensors) - keys - {
+        VISION_PREFIX + "embeddings.position_ids"})
+    if missing or unexpected:
+        raise CheckpointError(f"image encoder {path}: the weights do not match a CLIP vision model:\n"
+                              f"  missing:\n{error_list(missing)}\n  unexpected:\n{error_list(unexpected)}")
+    encoder.load_state_dict({k: tensors[k] for k in keys}, strict=True, assign=True)
+    size = config.image_size
+    return encoder.to(dtype or torch.float32), CLIPImageProcessor(size=size, crop_size=size)
+
+
 def load_image_encoder(folder, dtype=None):
-    """(CLIPVisionModelWithProjection, CLIPImageProcessor) from a local transformers folder."""
+    """(CLIPVisionModelWithProjection, CLIPImageProcessor) from a local transformers folder, or from a single
+    .safetensors / .bin of one (its config inferred, ``infer_vision_config``)."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     folder = Path(folder)
+    if folder.is_file():
+        encoder, processor = _encoder_from_file(folder, dtype)
+        return encoder.eval().requires_grad_(False), processor
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"image encoder {folder}: not a transformers CLIPVisionModelWithProjection folder "
-                              "(config.json and its weights)")
+                              "(config.json and its weights) or a file of one")
     try:
         encoder = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True,
                                                                 dtype=dtype or torch.float32)

@@ -109,6 +109,34 @@ def test_ip_adapter_beside_a_controlnet_keeps_seeds_and_batches(setup):
     np.testing.assert_array_equal(batch[1], alone[0])
 
 
+def test_image_encoder_from_a_single_file(setup, tmp_path):
+    """A CLIP vision model's weights alone (as ComfyUI keeps them): the config comes from the shapes (64 channels a
+    head below 1024 wide, GELU) and the tokens equal those of the same model loaded from its folder."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ldm.checkpoints.ip_adapter import load_image_encoder
+    from ldm.pipeline.control import ip_tokens
+
+    torch.manual_seed(4)
+    config = CLIPVisionConfig(**{**ENCODER, "hidden_size": 64, "num_attention_heads": 1}, hidden_act="gelu")
+    encoder = perturb(CLIPVisionModelWithProjection(config), 5).eval()
+    encoder.save_pretrained(tmp_path / "folder")
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp_path / "clip_vision.safetensors"))
+    from_file = load_image_encoder(tmp_path / "clip_vision.safetensors")
+    assert from_file[0].config.num_attention_heads == 1 and from_file[0].config.image_size == 32
+    for kind in ("base", "full"):
+        cfg = IPAdapterConfig(kind, 24 if kind == "base" else 64, 64, 4 if kind == "base" else 0, ((64, 32),))
+        units = [type("Unit", (), {"image_encoder": enc, "model": IPAdapter(cfg).eval()})()
+                 for enc in (from_file, load_image_encoder(tmp_path / "folder"))]
+        units[1].model.load_state_dict(units[0].model.state_dict())
+        with torch.no_grad():
+            a, b = (ip_tokens(u, reference(), "cpu", torch.float32) for u in units)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(CheckpointError, match="not a CLIP vision model with projection"):
+        load_image_encoder(setup["files"]["base"].with_suffix(".safetensors"))
+
+
 def test_ip_adapter_needs_its_encoder_and_a_matching_model(setup, tmp_path):
     pipe = setup["pipe"]
     with pytest.raises(ValueError, match="needs its image encoder"):
