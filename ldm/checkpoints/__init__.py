@@ -16,6 +16,8 @@ What lives here, one concept a module:
   vae_files    VAE files and folders on their own (SD/SDXL VAEs, TAESD), for ``Pipeline.load_vae``
   info         ``ModelInfo``: what ``ldm info`` prints
   lora         LoRA adapters: the layers, ldm's file format, applying and removing them
+  control      ControlNet / T2I-Adapter files (kind, layout and config from the keys; tables in control_keys);
+               ip_adapter: IP-Adapter files and their CLIP image encoders
 
 Imports: ``ldm.models``, the diffusion math and ``ldm.files``; never ``pipeline``, ``train``, ``batch`` or ``cli``.
 """

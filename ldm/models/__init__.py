@@ -9,6 +9,8 @@
   text           the CLIP text encoder (transformers CLIP or OpenCLIP weights) behind one interface
   tokenizer      the bundled CLIP BPE tokenizer and 77-token encoding
   checkpointing  gradient checkpointing for any block
+  controlnet     ControlNet (a copy of the U-Net's encoder + zero convs); t2i_adapter: the T2I-Adapter
+  ip_adapter     IP-Adapter's image projections and decoupled cross-attention
 
 Imports: torch, transformers/open_clip (text encoders), ``ldm.assets`` and the diffusion math only; never
 ``checkpoints``, ``pipeline``, ``train``, ``batch`` or ``cli`` (a test checks this).

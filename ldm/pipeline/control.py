@@ -1,4 +1,4 @@
-"""Image control of the one Pipeline: ControlNets and T2I-Adapters.
+"""Image control of the one Pipeline: ControlNets, T2I-Adapters and IP-Adapters (docs/control.md).
 
     unit = pipe.load_control("control_v11p_sd15_canny.safetensors")      # kind and config from the keys
     images = pipe("a house", control=[Control(unit, edges, scale=0.8, start=0.0, end=1.0)])
@@ -13,8 +13,11 @@ How it rides the pipeline's pieces: the control images (and an adapter's feature
 U-Net call, one row per image, so classifier-free guidance duplicates them for both branches (as diffusers'
 ``prepare_image`` does) and batch-invariant micro-batching (``core._PerImage``) hands each image its own rows;
 the step index travels the same way (``control_step``, from σ, so that samplers evaluating between steps
-act with the step they are in). ``_Controlled`` wraps the network: it runs the active units on exactly the rows
-the U-Net gets, then the U-Net with the residuals (``UNet.forward``'s diffusers-named keywords).
+act with the step they are in), and so does which rows are classifier-free guidance's unconditional branch
+(``control_uncond``). ``_Controlled`` wraps the network: it runs the active units on exactly the rows the U-Net
+gets, then the U-Net with the residuals (``UNet.forward``'s diffusers-named keywords). An IP-Adapter's image tokens
+are computed once per request and ride at the end of the context into the U-Net's cross-attention layers, which
+``ldm.models.ip_adapter.install`` wraps for the duration of the request.
 """
 
 from __future__ import annotations
