@@ -319,13 +319,18 @@ class ActiveControls:
 
 def check_units(pipe, controls: list[Control]) -> None:
     """Each unit fits this pipeline (a model loaded for another pipeline is refused here, before any work)."""
+    cfg = pipe.unet.config
     for i, control in enumerate(controls):
-        model = control.model.model
-        if control.model.kind == CONTROLNET:
-            mine, theirs = model.config.unet.per_level("cross_attention_dim"), \
-                pipe.unet.config.per_level("cross_attention_dim")
-            if mine != theirs or model.config.unet.in_channels != pipe.latent_channels:
-                raise ValueError(f"control[{i}]: {control.model} does not fit this pipeline's U-Net")
+        model, kind = control.model.model, control.model.kind
+        if kind == CONTROLNET:
+            fits = model.config.unet.per_level("cross_attention_dim") == cfg.per_level("cross_attention_dim") \
+                and model.config.unet.in_channels == pipe.latent_channels
+        elif kind == T2I_ADAPTER:
+            fits = model.config.feature_channels()[:cfg.levels] == cfg.block_out_channels
+        else:
+            fits = model.config.context_dim == cfg.per_level("cross_attention_dim")[0]
+        if not fits:
+            raise ValueError(f"control[{i}]: {control.model} does not fit this pipeline's U-Net")
 
 
 @contextlib.contextmanager

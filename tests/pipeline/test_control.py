@@ -13,6 +13,7 @@ from PIL import Image
 
 from control_fixtures import tiny_controlnet, tiny_t2i_adapter, write_original_controlnet, write_tencentarc_adapter
 from ldm import Control, Pipeline
+from ldm.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from tiny_models import save_tiny_pipeline
 
 PROMPTS = ["a turtle", "a red apple"]
@@ -218,6 +219,8 @@ def test_bad_control_arguments(models):
         ours(pipe, Control(unit, models["tmp"] / "missing.png"))
     with pytest.raises(ValueError, match="takes no image_encoder"):
         pipe.load_control(models["tmp"] / "cn0", image_encoder="clip/")
+    with pytest.raises(ValueError, match=r"control\[0\]: .* does not fit this pipeline's U-Net"):
+        ours(pipe, Control(T2IAdapter(T2IAdapterConfig(channels=(32, 32), downscale_factor=2)), edges()))
     with pytest.raises(ValueError, match="Control.guess applies to ControlNets only"):
         Control(pipe.load_control(models["tmp"] / "t2i"), edges(), guess=True)
 
