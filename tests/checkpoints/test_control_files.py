@@ -140,3 +140,19 @@ def test_truncated_missing_malicious_and_foreign_folder(unets, tmp_path):
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(CheckpointError, match=r"(?s)partial.pth: the weights do not match.*zero_convs\.1\.0\.weight"):
         load_control(tmp_path / "partial.pth", unets[1])
+
+
+def test_sdxl_controlnet_in_the_original_layout(tmp_path):
+    """SDXL's ControlNet (label_emb, per-level transformer depths, linear projections) round-trips through the
+    original layout, its config inferred with the base U-Net's micro-conditioning width."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = tiny_sdxl_unet_config(released=True)
+    base = UNet(UNetConfig.from_dict(config))
+    net = ControlNetModel.from_unet(UNet2DConditionModel(**config), conditioning_embedding_out_channels=(16, 32))
+    path = write_original_controlnet(net, tmp_path / "controlnet_xl.safetensors")
+    model = load_control(path, base)
+    assert same(model, net)
+    assert model.config.unet.addition_embed_type == "text_time"
+    assert list(model.config.unet.transformer_layers_per_block) == list(net.config.transformer_layers_per_block)
