@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.attention import Attention, attention
@@ -41,6 +40,10 @@ class IPAdapterConfig:
     depth: int = 4                           # Resampler only
     width: int = 768                         # Resampler only: its working width
     ff_mult: int = 4                         # Resampler only
+
+    def __post_init__(self):
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"IPAdapterConfig.projection must be one of {PROJECTIONS}, got {self.projection!r}")
 
     @property
     def hidden_states(self) -> bool:
