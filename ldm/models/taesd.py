@@ -158,6 +158,8 @@ class TinyLatents:
 class AutoencoderTiny(nn.Module):
     """encode: images in [-1, 1] -> latents in the U-Net's scale; decode: those latents -> images in [-1, 1]."""
 
+    post_quant_conv = None      # AutoencoderKL's interface (which may lack one too): TAESD has no quantisation convs
+
     def __init__(self, config: TinyVAEConfig | None = None, with_encoder: bool = True):
         """``with_encoder=False``: a decoder alone (the original taesd_decoder.pth without its encoder file)."""
         super().__init__()

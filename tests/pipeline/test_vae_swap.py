@@ -339,3 +339,35 @@ def test_openvino_backend_decodes_through_the_swapped_vae(folder, taesd, tmp_pat
     torch.testing.assert_close(ov.decode_latents(z), torch_pipe.decode_latents(z), atol=1e-4, rtol=1e-4)  # exported
     ov.load_vae(taesd[1] / "taesd"), torch_pipe.load_vae(taesd[1] / "taesd")
     torch.testing.assert_close(ov.decode_latents(z), torch_pipe.decode_latents(z), atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_decodes_a_bare_vae_file_at_its_own_scale(kl, tmp_path):
+    """A VAE file carries no latent scale: on SDXL it decodes at SDXL's 0.13025, and draws what diffusers'
+    StableDiffusionXLPipeline draws with that VAE configured so (as the SDXL VAE's config.json is); previews use
+    A1111's SDXL factors."""
+    import diffusers
+
+    from tiny_sdxl import save_tiny_sdxl
+
+    vae, root = kl
+    base = save_tiny_sdxl(tmp_path / "xl", seed=3)
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(base)
+    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    # (no "_use_default_values": from_config would put the default 0.18215 back)
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    theirs.vae = diffusers.AutoencoderKL(**{**config, "scaling_factor": 0.13025})
+    theirs.vae.load_state_dict(vae.state_dict())
+    assert theirs.vae.config.scaling_factor == 0.13025
+    expected = theirs(PROMPT, num_inference_steps=4, guidance_scale=5.0, latents=noise(), height=H, width=W,
+                      output_type="np").images
+    pipe = Pipeline.from_pretrained(base).load_vae(root / "vae-ft-tiny.safetensors")
+    assert pipe.vae.config.scaling_factor == 0.13025
+    ours = pipe(PROMPT, steps=4, guidance=5.0, sampler="ddim", latents=noise(), height=H, width=W, output_type="np",
+                progress=False)
+    assert np.abs(ours - expected).max() <= 2 / 255
+    seen = []
+    pipe(PROMPT, steps=1, height=H, width=W, seed=1, progress=False, callback=seen.append)
+    rgb = np.asarray(seen[0]["preview"][0], dtype=np.float32) / 127.5 - 1
+    expected = cheap_rgb(seen[0]["denoised"], "sdxl")[0].clamp(-1, 1).permute(1, 2, 0).numpy()
+    assert np.abs(rgb - expected).max() <= 1 / 127.5
