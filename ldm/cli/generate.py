@@ -123,8 +123,7 @@ def control_spec(value: str) -> tuple:
 
 
 def _controls(pipe, args) -> list:
-    from ldm import Control
-    from ldm.pipeline.control import NeedsImageEncoder
+    from ldm.pipeline.control import Control, NeedsImageEncoder
 
     units = []
     for model, image, weight, start, end in args.control:
