@@ -35,7 +35,7 @@ from ldm.pipeline.applications import Applications
 from ldm.pipeline.conditioning import SizeConditioning, TextConditioner
 from ldm.pipeline.control import control_info, controlling, load_unit
 from ldm.pipeline.memory import check_memory
-from ldm.pipeline.openvino_backend import (OpenVINONetwork, resolve_backend, sampling_threads, unet_runner,
+from ldm.pipeline.openvino_backend import (OpenVINONetwork, prepare, resolve_backend, sampling_threads, unet_runner,
                                            vae_runner)
 from ldm.pipeline.png_info import GenerationInfo, attach, weights_hash
 from ldm.pipeline.request import Request, as_negatives, as_prompts, as_seeds, finite, positive_int
@@ -123,6 +123,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         self._controls = None   # the control units of the request running now (ldm.pipeline.control)
         if embeddings_dir is not None:
             self.load_embeddings_dir(embeddings_dir)
+        prepare(self)   # OpenVINO: the default request's graphs start building in the background
 
     def set_lean(self, lean: bool) -> Pipeline:
         """Keep only the packed copy of the U-Net's and VAE's convolution weights (True), or both copies and the

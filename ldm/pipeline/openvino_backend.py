@@ -39,10 +39,16 @@ import os
 import shutil
 import tempfile
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
+
+# Converting traces the module with torch.jit.trace, which warns that it is deprecated and, when its check run
+# takes ldm's eager fast paths, that the two runs differ by float rounding: noise to a user, never an error.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=FutureWarning)
 
 BACKENDS = ("auto", "torch", "openvino")
 ENV_BACKEND = "LDM_BACKEND"     # overrides backend="auto" (e.g. LDM_BACKEND=torch)
@@ -144,6 +150,7 @@ class OpenVINONetwork(nn.Module):
         self.streams = streams or (2 if self.threads >= 2 else 1)
         self.precision = "bf16" if dtype == torch.bfloat16 else "f32"
         self._compiled: dict[tuple, list] = {}      # input signature -> infer requests, one per stream
+        self._pending: dict[tuple, Future] = {}     # signature -> requests being built in the background
         self._state = None
         self._digest: str | None = None
         self.failed = False
@@ -155,7 +162,23 @@ class OpenVINONetwork(nn.Module):
         state = weights_state(self.module)
         if state != self._state:
             self._compiled.clear()
+            self._pending.clear()
             self._state, self._digest = state, None
+
+    def prepare(self, *args, **kwargs) -> None:
+        """Build the graph for inputs shaped like these (one row) in a background thread, so that reading and
+        compiling it overlap with whatever the caller does next (loading the text encoder, encoding the prompt:
+        on the default model that hides ~0.7 s of a cold process). The first call with that signature waits
+        for it. Only a graph already in the cache is built this way: tracing a module is not thread-safe (its
+        check run differs when another thread runs PyTorch meanwhile), so a conversion always runs in the
+        caller's thread, at the first call."""
+        self.refresh()
+        rows = [_row(v, 0) for v in args]
+        krows = {k: _row(v, 0) for k, v in kwargs.items()}
+        signature = _signature(rows, krows)
+        if signature in self._compiled or signature in self._pending or not self._folder(signature).is_dir():
+            return
+        self._pending[signature] = _background().submit(self._build, signature, rows, krows, convert=False)
 
     def _weights_digest(self) -> str:
         if self._digest is None:
@@ -204,10 +227,13 @@ class OpenVINONetwork(nn.Module):
             for layer in lean:
                 pack_for_inference(layer)
 
+    def _folder(self, signature) -> Path:
+        return cache_dir() / f"{self.name}-{self._key(signature)}"
+
     def _load_or_convert(self, signature, args, kwargs):
         import openvino as ov
 
-        folder = cache_dir() / f"{self.name}-{self._key(signature)}"
+        folder = self._folder(signature)
         xml = folder / "model.xml"
         if xml.is_file():
             try:
@@ -233,17 +259,29 @@ class OpenVINONetwork(nn.Module):
     def _requests(self, signature, args, kwargs) -> list:
         requests = self._compiled.get(signature)
         if requests is None:
-            model = self._load_or_convert(signature, args, kwargs)
-            # the converted graph keeps its dimensions open; static shapes let the CPU plugin plan every layer
-            shapes = [tuple(v.shape) for v in (*args, *kwargs.values())]
-            model.reshape({port: shape for port, shape in zip(model.inputs, shapes)})
-            config = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": str(self.threads),
-                      "NUM_STREAMS": str(self.streams),
-                      "PERFORMANCE_HINT": "THROUGHPUT" if self.streams > 1 else "LATENCY",
-                      "CACHE_DIR": str(cache_dir() / "blobs"), **self.extra_config}
-            compiled = _core().compile_model(model, "CPU", config)
-            requests = self._compiled[signature] = [compiled.create_infer_request() for _ in range(self.streams)]
+            pending = self._pending.pop(signature, None)
+            try:
+                requests = pending.result() if pending is not None else None
+            except Exception:           # e.g. the cache entry went bad meanwhile: build it here, as if unprepared
+                requests = None
+            requests = requests or self._build(signature, args, kwargs)
+            self._compiled[signature] = requests
         return requests
+
+    def _build(self, signature, args, kwargs, convert: bool = True) -> list:
+        if convert:
+            with torch.no_grad():
+                model = self._load_or_convert(signature, args, kwargs)
+        else:
+            model = _core().read_model(str(self._folder(signature) / "model.xml"))
+        # the converted graph keeps its dimensions open; static shapes let the CPU plugin plan every layer
+        shapes = [tuple(v.shape) for v in (*args, *kwargs.values())]
+        model.reshape({port: shape for port, shape in zip(model.inputs, shapes)})
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": str(self.threads),
+                  "NUM_STREAMS": str(self.streams), "PERFORMANCE_HINT": "THROUGHPUT" if self.streams > 1 else "LATENCY",
+                  "CACHE_DIR": str(cache_dir() / "blobs"), **self.extra_config}
+        compiled = _core().compile_model(model, "CPU", config)
+        return [compiled.create_infer_request() for _ in range(self.streams)]
 
     # ---------------------------------------------------------------- running
     def _eager(self, *args, **kwargs):
@@ -260,8 +298,7 @@ class OpenVINONetwork(nn.Module):
         args = [a.reshape(-1).expand(b) if a.dim() == 0 or (a.numel() == 1 and b > 1) else a for a in args]
         rows = [[_row(v, i) for v in (x, *args)] for i in range(b)]
         krows = [{k: _row(v, i) for k, v in kwargs.items()} for i in range(b)]
-        signature = (tuple((tuple(v.shape), v.dtype) for v in rows[0]),
-                     tuple((k, tuple(v.shape), v.dtype) for k, v in krows[0].items()))
+        signature = _signature(rows[0], krows[0])
         try:
             requests = self._requests(signature, rows[0], krows[0])
         except Exception as error:      # an operator OpenVINO cannot take, a broken install: run eager
@@ -285,6 +322,15 @@ class OpenVINONetwork(nn.Module):
         return torch.cat(outs).to(self.dtype)
 
 
+def _signature(row: list[torch.Tensor], krow: dict[str, torch.Tensor]) -> tuple:
+    return (tuple((tuple(v.shape), v.dtype) for v in row), tuple((k, tuple(v.shape), v.dtype) for k, v in krow.items()))
+
+
+@functools.cache
+def _background() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldm-openvino")
+
+
 def _row(v: torch.Tensor, i: int) -> torch.Tensor:
     """Row i of a batch as a contiguous batch of one (float32 for floating tensors: the graph's interface)."""
     row = v[i:i + 1]
@@ -292,14 +338,33 @@ def _row(v: torch.Tensor, i: int) -> torch.Tensor:
 
 
 class _Decode(nn.Module):
-    """The VAE's latent -> image map (no tiling, no dtype changes: both are settled before export)."""
+    """The VAE's latent -> image map (no tiling, no dtype changes: both are settled before export). Only the
+    decoder's modules are this module's, so converting it never touches the encoder, which img2img may be
+    running meanwhile."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
-        self.vae = vae
+        self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv
+        self.__dict__["vae"] = vae          # not a submodule
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae._image(z)
+
+
+def prepare(pipe) -> None:
+    """Start building the graphs of the model's default request (its native size, one 77-token chunk) in the
+    background: ``Pipeline`` calls it once loaded, so a cold process reads and compiles them while it encodes
+    the prompt. Not for SDXL's extra inputs or the inpainting U-Net (they build at their first call)."""
+    if pipe.backend != "openvino" or pipe.conditioner.pooled or pipe.is_inpainting_model:
+        return
+    side = pipe.defaults.get("size") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    h = w = side // pipe.vae_scale_factor
+    x = torch.zeros(1, pipe.latent_channels, h, w)
+    context = torch.zeros(1, pipe.conditioner.chunk_length, pipe.conditioner.context_dim)
+    pipe._network.prepare(x, torch.zeros(1), context=context)     # as the denoiser calls it
+    decoder = vae_runner(pipe)
+    if decoder is not None:
+        decoder.prepare(x)
 
 
 @contextlib.contextmanager

@@ -45,6 +45,15 @@ def test_openvino_draws_the_images_pytorch_draws_and_converts_once(sd1_folder, t
     entries = sorted(p.name.split("-")[0] for p in cache.iterdir() if p.name != "blobs")
     assert entries == ["unet", "vae"], entries          # one graph for the U-Net rows, one for the decoder
 
+    # a new pipeline reads the cached graphs of its default request in the background, meanwhile
+    again = Pipeline.from_pretrained(sd1_folder, backend="openvino")
+    assert len(again._network._pending) == 0          # 32x32 is this model's size only when asked for
+    native = dict(RUN, height=None, width=None)
+    pipe(PROMPTS[0], seed=1, **native)                  # puts the native size's graphs in the cache
+    again = Pipeline.from_pretrained(sd1_folder, backend="openvino")
+    assert len(again._network._pending) == 1
+    np.testing.assert_array_equal(again(PROMPTS[0], seed=1, **native), pipe(PROMPTS[0], seed=1, **native))
+
     # a new pipeline on the same weights reads the cached graphs instead of converting again
     again = Pipeline.from_pretrained(sd1_folder, backend="openvino")
     calls = []
