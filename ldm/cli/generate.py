@@ -17,18 +17,16 @@ from ldm.cli.options import (UsageError, add_model_arguments, add_prompt_argumen
 def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.usage = "%(prog)s PROMPT [-o FILE] [options]    or    %(prog)s --from-png FILE [options]"
     p.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
-    p.add_argument("-o", "--output", metavar="FILE", help="PNG to write; with --num N: FILE-0.png ... "
-                   "(default: a name made from the prompt and seed)")
+    p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: from prompt and seed)")
     p.add_argument("--negative", metavar="TEXT", help="negative prompt")
     p.add_argument("--seed", type=seed_int, metavar="N", help="seed of the first image (default: random)")
     p.add_argument("--steps", type=positive_int, metavar="N")
     p.add_argument("--guidance", type=number, metavar="G", help="classifier-free guidance scale")
-    p.add_argument("--sampler", metavar="NAME", help="dpmpp_2m (or the model's choice), ddim, euler, euler_a, ...")
-    p.add_argument("--spacing", metavar="S", help="leading, trailing, linspace, karras, exponential, lcm, sgm_uniform, "
-                   "simple, beta, ays (default: the sampler's own, else the model's)")
+    p.add_argument("--sampler", metavar="NAME", help="dpmpp_2m (default), ddim, euler_a, lcm, unipc, ...")
+    p.add_argument("--spacing", metavar="S", help="trailing, karras, lcm, ays, ... (docs/samplers.md)")
     p.add_argument("--height", type=image_side, metavar="H")
     p.add_argument("--width", type=image_side, metavar="W")
-    p.add_argument("--num", type=positive_int, default=None, metavar="N", help="number of images")
+    p.add_argument("--num", type=positive_int, default=None, metavar="N", help="number of images (-o FILE gives FILE-0.png, ...)")
     p.add_argument("--eta", type=number, metavar="X", help="stochasticity of ddim-like samplers (tcd: its gamma)")
     p.add_argument("--clip-skip", type=positive_int, metavar="N")
     p.add_argument("--from-png", metavar="FILE", help="take the settings stored in an ldm/A1111 PNG")

@@ -16,9 +16,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> 
     if dtype:
         # "auto" is how to turn speed on (README): bf16 on CPUs with AMX or AVX-512 BF16, fp16 on CUDA
         parser.add_argument("--dtype", metavar="T", help="auto (fast: bf16 CPU, fp16 CUDA), float32 (default)")
-    parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default=None,
-                        help="CPU runtime of the U-Net and VAE decoder: auto (default: OpenVINO when installed, "
-                             "$LDM_BACKEND overrides), torch, openvino")
+    parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default=None, metavar="B",
+                        help="auto (OpenVINO if installed), torch, openvino")
 
 
 def add_vae_argument(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +30,7 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion files, each used by its stem")
     parser.add_argument("--no-emphasis", action="store_true", help="read (x:1.2), [x], BREAK literally")
     parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
-                        help="a LoRA key that matches no layer is an error (--no-strict: a warning)")
+                        help="unmatched LoRA key: error (or warning)")
 
 
 def prompt_options(args) -> dict:
