@@ -280,8 +280,19 @@ class OpenVINONetwork(nn.Module):
         config = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": str(self.threads),
                   "NUM_STREAMS": str(self.streams), "PERFORMANCE_HINT": "THROUGHPUT" if self.streams > 1 else "LATENCY",
                   "CACHE_DIR": str(cache_dir() / "blobs"), **self.extra_config}
+        self._page_out_weights()
         compiled = _core().compile_model(model, "CPU", config)
         return [compiled.create_infer_request() for _ in range(self.streams)]
+
+    def _page_out_weights(self) -> None:
+        """Hand the pages of weights that are views of a mapped checkpoint file back to the kernel before
+        OpenVINO makes its own packed copy: the PyTorch module is only read again for a new conversion or the
+        eager fallback, and clean file pages come back from the file when read (ldm.models.conv._page_out)."""
+        from ldm.models.conv import _page_out
+
+        for _, p in _parameters(self.module):
+            if p.device.type == "cpu" and p.numel() and not p.untyped_storage().resizable():
+                _page_out(p)
 
     # ---------------------------------------------------------------- running
     def _eager(self, *args, **kwargs):
