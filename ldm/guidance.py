@@ -6,6 +6,7 @@ function below returns a plain callable (x, σ) -> x0 that a sampler can use dir
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -96,3 +97,23 @@ def conditioned(denoiser, **cond) -> GuidedDenoiser:
         return denoiser(x, sigma, **cond)
 
     return bound
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The guidance-scale embedding an LCM-distilled U-Net takes instead of classifier-free guidance (Luo et al.
+    2023, "Latent Consistency Models", §4.2 after Meng et al. 2023's w-conditioning): sinusoids of 1000·w at
+    frequencies 10000^(-i / (dim/2 - 1)), [sin ‖ cos], a zero column when dim is odd. (B,) -> (B, dim), float32."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def guidance_conditions(unet_config, guidance: float, batch: int) -> dict[str, torch.Tensor]:
+    """{"timestep_cond": w-embedding of guidance − 1} for a U-Net with ``time_cond_proj_dim`` (LCM-distilled;
+    it runs without a classifier-free batch, as diffusers' LatentConsistencyModelPipeline), else {}."""
+    dim = getattr(unet_config, "time_cond_proj_dim", None)
+    if not dim:
+        return {}
+    return {"timestep_cond": guidance_embedding(torch.full((batch,), guidance - 1.0), dim)}

@@ -53,14 +53,19 @@ def per_row(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torc
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal features: linear, SiLU, linear (keys linear_1, linear_2)."""
+    """MLP on the sinusoidal features: linear, SiLU, linear (keys linear_1, linear_2). With ``cond_dim`` (an
+    LCM-distilled U-Net, Luo et al. 2023) a condition vector is first projected (``cond_proj``, no bias) and added
+    to the features, as diffusers' TimestepEmbedding does."""
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
         super().__init__()
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim else None
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None and self.cond_proj is not None:
+            x = x + per_row(self.cond_proj, cond)
         return per_row(lambda r: self.linear_2(F.silu(self.linear_1(r))), x)
 
 

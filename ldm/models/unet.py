@@ -58,7 +58,6 @@ _NEUTRAL_KEYS: dict[str, tuple[Any, ...]] = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "attention_type": ("default",),
@@ -103,6 +102,7 @@ class UNetConfig:
     addition_embed_type: str | None = None               # "text_time": SDXL's micro-conditioning
     addition_time_embed_dim: int | None = None           # sinusoidal features per time id (SDXL: 256)
     projection_class_embeddings_input_dim: int | None = None  # pooled text width + time ids × that (SDXL: 2816)
+    time_cond_proj_dim: int | None = None                 # LCM-distilled U-Nets: the guidance's w-embedding width
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -215,7 +215,7 @@ class UNet(nn.Module):
             return build
 
         self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.time_embedding = TimestepEmbedding(channels[0], temb, cond_dim=cfg.time_cond_proj_dim)
         if cfg.addition_embed_type == "text_time":   # SDXL: [pooled text ‖ sinusoids of the time ids] -> MLP
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
 
@@ -265,12 +265,14 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
                 down_block_additional_residuals=None, mid_block_additional_residual=None,
-                down_intrablock_additional_residuals=None) -> torch.Tensor:
+                down_intrablock_additional_residuals=None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, h, w) latents, t (B,) or scalar timesteps (fractional allowed), context (B, L, D); SDXL also
         text_embeds (B, pooled) and time_ids (B, 6 | 5). Control residuals, as diffusers names them
         (ldm.models.controlnet, ldm.models.t2i_adapter): a ControlNet's are added to every skip and to the
         middle block's output; a T2I-Adapter's features one per down level, inside it (after its last layer, or
-        after a plain level's downsampler) and, when one is left and fits, after the middle block (SDXL)."""
+        after a plain level's downsampler) and, when one is left and fits, after the middle block (SDXL).
+        ``timestep_cond`` (B, time_cond_proj_dim): an LCM-distilled U-Net's guidance embedding
+        (ldm.guidance.guidance_embedding), projected and added to the timestep features."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
@@ -278,7 +280,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
         emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                  freq_shift=cfg.freq_shift)
-        emb = self.time_embedding(emb.to(x.dtype))
+        emb = self.time_embedding(emb.to(x.dtype), None if timestep_cond is None else timestep_cond.to(x.dtype))
         if cfg.addition_embed_type == "text_time":
             emb = self._added(emb, text_embeds, time_ids)
         context = context.to(x.dtype)

@@ -27,7 +27,7 @@ from ldm.checkpoints import load, save_diffusers
 from ldm.checkpoints.adapters import Patches, load_adapter
 from ldm.denoiser import Denoiser
 from ldm.devices import dtype_name, resolve_device, resolve_dtype, resolve_vae_dtype
-from ldm.guidance import classifier_free, conditioned
+from ldm.guidance import classifier_free, conditioned, guidance_conditions
 from ldm.models.conv import pack_for_inference, unpack
 from ldm.pipeline import images as img
 from ldm.pipeline import prompting, vae_swap
@@ -273,7 +273,8 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
 
     def guided_denoiser(self, req: Request, extra: dict[str, torch.Tensor] | None = None):
         """Classifier-free guidance over the denoiser; the unconditional context is encoded once per call."""
-        extra = {k: v.to(self.device, self.dtype) for k, v in (extra or {}).items()}
+        extra = {**(extra or {}), **guidance_conditions(self.unet.config, req.guidance, req.batch)}   # LCM U-Nets
+        extra = {k: v.to(self.device, self.dtype) for k, v in extra.items()}
 
         def added(negative: bool) -> dict[str, torch.Tensor]:
             ids = self.conditioner.added(req.batch, req.height, req.width, req.sizes, negative)
@@ -281,7 +282,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
 
         cond = {**self.text_conditions(req.prompts, req.clip_skip), **added(False), **extra}
         quantize = schedule_hints_of(req.sampler).get("quantize", True)
-        if req.guidance == 1.0:
+        if req.guidance == 1.0 or "timestep_cond" in extra:      # an LCM U-Net takes the guidance embedded
             return conditioned(self.denoiser(quantize=quantize), **cond)
         zeros = self.conditioner.zeros_for_empty   # SDXL base: zeros, not the encoded "", where none was given
         if zeros and not any(req.negative_given):

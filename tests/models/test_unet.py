@@ -171,7 +171,7 @@ def test_published_configs_parse():
 
 
 @pytest.mark.parametrize("key, value", [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"),
-                                        ("time_cond_proj_dim", 256), ("only_cross_attention", [True, False])])
+                                        ("resnet_time_scale_shift", "scale_shift"), ("only_cross_attention", [True, False])])
 def test_unsupported_config_keys_are_named(key, value):
     with pytest.raises(ValueError, match=key):
         UNetConfig.from_dict({**SD15_CONFIG, key: value})

@@ -100,3 +100,31 @@ def test_align_your_steps_follows_the_model_family(pipes, monkeypatch):
     monkeypatch.setattr(ours.components.info, "family", "sdxl")
     req = ours.request(PROMPT, steps=7, spacing="ays", height=16, width=16)
     assert req.spacing == "ays_sdxl" and ours.sigmas(req).tolist() == ours.schedule.sigmas_for(7, "ays_sdxl").tolist()
+
+
+def test_an_lcm_distilled_unet_takes_the_guidance_embedded_as_diffusers_does(sd1_folder, tmp_path):
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    base = StableDiffusionPipeline.from_pretrained(sd1_folder)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "time_cond_proj_dim": 32})
+    torch.manual_seed(0)
+    unet.load_state_dict(base.unet.state_dict(), strict=False)       # cond_proj stays at its random init
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.normal_(0, 0.5)        # so that the guidance visibly matters
+    theirs = LatentConsistencyModelPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                            unet=unet, scheduler=LCMScheduler.from_config(base.scheduler.config),
+                                            safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.save_pretrained(tmp_path / "lcm")
+    ours = Pipeline.from_pretrained(tmp_path / "lcm")
+    assert ours.unet.config.time_cond_proj_dim == 32
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = {}
+    for guidance in (1.5, 8.0):
+        expected = theirs(PROMPT, num_inference_steps=4, guidance_scale=guidance, latents=latents, height=16,
+                          width=16, output_type="np", generator=torch.Generator().manual_seed(11)).images
+        got[guidance] = ours(PROMPT, steps=4, guidance=guidance, sampler="lcm", seed=11, latents=latents,
+                             height=16, width=16, output_type="np", progress=False)
+        assert np.abs(got[guidance] - expected).max() <= 2 / 255, guidance
+    assert np.abs(got[1.5] - got[8.0]).max() > 0.01          # one U-Net call a step, the guidance embedded
