@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.attention import Transformer2D
 from ldm.models.blocks import DownStage, MidStage, TimestepEmbedding, timestep_embedding
 from ldm.models.conv import Conv2d, inference_layout
 from ldm.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_UP, UNetConfig
@@ -103,17 +102,10 @@ class ControlNet(nn.Module):
         self.config = config or ControlNetConfig()
         cfg = self.config.unet
         channels = cfg.block_out_channels
-        layers, heads = cfg.per_level("layers_per_block"), cfg.heads()
-        context_dims, depths = cfg.per_level("cross_attention_dim"), cfg.per_level("transformer_layers_per_block")
+        layers = cfg.per_level("layers_per_block")
         temb = channels[0] * 4
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps)
-
-        def spatial_transformer(level: int):
-            def build(c: int) -> Transformer2D:
-                return Transformer2D(c, heads[level], c // heads[level], context_dims[level], depth=depths[level],
-                                     groups=cfg.norm_num_groups, linear=cfg.use_linear_projection,
-                                     upcast=cfg.upcast_attention)
-            return build
+        spatial_transformer = cfg.spatial_transformer
 
         self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)

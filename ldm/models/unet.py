@@ -157,6 +157,18 @@ class UNetConfig:
             if channels % self.norm_num_groups:
                 raise ValueError(f"UNetConfig.norm_num_groups={self.norm_num_groups} does not divide {channels}")
 
+    def spatial_transformer(self, level: int):
+        """The attention that follows each resnet of a level, as a function of its channels (shared by the U-Net
+        and its ControlNet copy). No dropout inside: diffusers applies the config's dropout to the resnets only."""
+        heads, context_dims = self.heads(), self.per_level("cross_attention_dim")
+        depths = self.per_level("transformer_layers_per_block")
+
+        def build(c: int) -> Transformer2D:
+            return Transformer2D(c, heads[level], c // heads[level], context_dims[level], depth=depths[level],
+                                 groups=self.norm_num_groups, linear=self.use_linear_projection,
+                                 upcast=self.upcast_attention)
+        return build
+
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
         """Build from a diffusers config.json dict. "_"-prefixed keys and keys at their neutral values are
@@ -200,19 +212,9 @@ class UNet(nn.Module):
         cfg = self.config = config or UNetConfig()
         channels = cfg.block_out_channels
         layers = cfg.per_level("layers_per_block")
-        heads = cfg.heads()
-        context_dims = cfg.per_level("cross_attention_dim")
-        depths = cfg.per_level("transformer_layers_per_block")
         temb = channels[0] * 4
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
-
-        def spatial_transformer(level: int):
-            # No dropout inside the transformers: diffusers applies the config's dropout to the resnets only.
-            def build(c: int) -> Transformer2D:
-                return Transformer2D(c, heads[level], c // heads[level], context_dims[level], depth=depths[level],
-                                     groups=cfg.norm_num_groups, linear=cfg.use_linear_projection,
-                                     upcast=cfg.upcast_attention)
-            return build
+        spatial_transformer = cfg.spatial_transformer
 
         self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb, cond_dim=cfg.time_cond_proj_dim)
