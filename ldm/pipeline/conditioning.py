@@ -58,6 +58,10 @@ class TextConditioner:
         self.zeros_for_empty = zeros_for_empty
         self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
+    def clear_cache(self) -> None:
+        """Forget every cached encoding (they are exact; this only frees their memory)."""
+        self._cache.clear()
+
     def _state(self) -> tuple:
         """What an encoding depends on besides the prompt and its options: each encoder's weights (identity,
         storage and in-place version: LoRAs write into the weights, moving a model makes new storage) and its

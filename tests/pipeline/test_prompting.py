@@ -130,6 +130,7 @@ def test_a1111_png_regenerated_from_png_uses_its_emphasis_and_lora_tag(sd1_folde
 
 def test_a_prompt_is_encoded_once_and_again_after_its_encoder_changes(pipe):
     conditioner, calls = pipe.conditioner, []
+    conditioner.clear_cache()              # other tests drew prompts through this pipeline
     encode = conditioner._encode_one
     conditioner._encode_one = lambda *args: calls.append(args[0]) or encode(*args)
     try:
