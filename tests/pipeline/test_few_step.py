@@ -121,10 +121,10 @@ def test_an_lcm_distilled_unet_takes_the_guidance_embedded_as_diffusers_does(sd1
     assert ours.unet.config.time_cond_proj_dim == 32
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     got = {}
-    for guidance in (1.5, 8.0):
-        expected = theirs(PROMPT, num_inference_steps=4, guidance_scale=guidance, latents=latents, height=16,
+    for steps, guidance in ((1, 1.5), (4, 1.5), (4, 8.0)):
+        expected = theirs(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=latents, height=16,
                           width=16, output_type="np", generator=torch.Generator().manual_seed(11)).images
-        got[guidance] = ours(PROMPT, steps=4, guidance=guidance, sampler="lcm", seed=11, latents=latents,
-                             height=16, width=16, output_type="np", progress=False)
-        assert np.abs(got[guidance] - expected).max() <= 2 / 255, guidance
-    assert np.abs(got[1.5] - got[8.0]).max() > 0.01          # one U-Net call a step, the guidance embedded
+        got[steps, guidance] = ours(PROMPT, steps=steps, guidance=guidance, sampler="lcm", seed=11, latents=latents,
+                                    height=16, width=16, output_type="np", progress=False)
+        assert np.abs(got[steps, guidance] - expected).max() <= 2 / 255, (steps, guidance)
+    assert np.abs(got[4, 1.5] - got[4, 8.0]).max() > 0.01          # one U-Net call a step, the guidance embedded

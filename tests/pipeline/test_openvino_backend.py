@@ -125,3 +125,24 @@ def test_backend_names_are_checked(monkeypatch):
     monkeypatch.setenv(ovb.ENV_BACKEND, "auto")
     assert ovb.resolve_backend("auto", cpu) == "openvino"
     assert ovb.resolve_backend("auto", torch.device("cuda")) == "torch"
+
+
+def test_two_processes_converting_into_one_cache_leave_one_good_entry(sd1_folder, cache):
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, numpy as np; from ldm import Pipeline; "
+              "p = Pipeline.from_pretrained(sys.argv[1], backend='openvino'); "
+              "np.save(sys.argv[2], p('a red apple', seed=4, steps=2, height=32, width=32, progress=False, "
+              "output_type='np'))")
+    env = {**os.environ, ovb.ENV_CACHE: str(cache.parent), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(sd1_folder), str(cache.parent / f"{i}.npy")],
+                             env=env, stderr=subprocess.PIPE) for i in range(2)]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read().decode()[-2000:]
+    first, second = (np.load(cache.parent / f"{i}.npy") for i in range(2))
+    np.testing.assert_array_equal(first, second)
+    entries = sorted(p.name.split("-")[0] for p in cache.iterdir() if p.name != "blobs")
+    assert entries == ["unet", "vae"], entries                    # the loser's copy was dropped, not half-kept
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]   # no temporary folder left behind
