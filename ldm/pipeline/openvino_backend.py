@@ -14,9 +14,9 @@ of a batch run as parallel requests, one per stream (`streams` = 2 on 2+ threads
 Small convolutions do not split well over threads; two independent rows do. It also makes batch invariance
 exact by construction: a row's arithmetic is that of the one compiled batch-1 graph, whatever its batch mates.
 
-Conversion: `openvino.convert_model` over a TorchScript trace of the module (ldm's eager-only fast paths step
-aside while a tracer records: packed convolutions, the sub-pixel upsampler, the K/V cache; ldm.models.conv.
-graph_capture). The converted IR is cached
+Conversion: `openvino.convert_model` over a TorchScript trace of the module. While a tracer records, ldm's
+eager-only fast paths step aside (packed convolutions, the K/V cache, per-row GEMMs: ldm.models.conv.
+graph_capture) and the upsampler takes its sub-pixel form in plain operators. The converted IR is cached
 on disk (`cache_dir()`: $LDM_CACHE_DIR/openvino, default ~/.cache/ldm/openvino) under a key made of the
 weights' bytes, the module's class and config, the input shapes and the versions of ldm, torch and OpenVINO,
 so a LoRA, another model or another release never reuses a stale graph; a cache entry that does not load is
