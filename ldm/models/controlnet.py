@@ -24,7 +24,7 @@ from torch import nn
 
 from ldm.models.blocks import DownStage, MidStage, TimestepEmbedding, timestep_embedding
 from ldm.models.conv import Conv2d, inference_layout
-from ldm.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_UP, UNetConfig
+from ldm.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_UP, UNetConfig, micro_conditioned
 
 # diffusers ControlNetModel config keys that are not U-Net keys, with their defaults.
 CONTROL_DEFAULTS = {
@@ -148,11 +148,7 @@ class ControlNet(nn.Module):
             return emb
         if text_embeds is None or time_ids is None:
             raise ValueError("this ControlNet (SDXL) needs text_embeds and time_ids")
-        b = emb.shape[0]
-        sinusoids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                       flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-        features = torch.cat([text_embeds.reshape(b, -1).to(emb.dtype), sinusoids.reshape(b, -1).to(emb.dtype)], -1)
-        return emb + self.add_embedding(features)
+        return micro_conditioned(cfg, self.add_embedding, emb, text_embeds, time_ids)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, hint: torch.Tensor,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None

@@ -204,6 +204,17 @@ class UNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+def micro_conditioned(cfg: UNetConfig, add_embedding: nn.Module, emb: torch.Tensor, text_embeds: torch.Tensor,
+                      time_ids: torch.Tensor) -> torch.Tensor:
+    """emb + SDXL's micro-conditioning: [pooled text ‖ sinusoids of each time id] through ``add_embedding`` (the
+    U-Net's and its ControlNet copy's)."""
+    b = emb.shape[0]
+    sinusoids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                   flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    features = torch.cat([text_embeds.reshape(b, -1).to(emb.dtype), sinusoids.reshape(b, -1).to(emb.dtype)], -1)
+    return emb + add_embedding(features)
+
+
 class UNet(nn.Module):
     """ε/v-prediction network: forward(x, t, context) -> tensor shaped like x (out_channels)."""
 
@@ -258,11 +269,7 @@ class UNet(nn.Module):
         cfg = self.config
         if text_embeds is None or time_ids is None:
             raise ValueError("this U-Net (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
-        b = emb.shape[0]
-        sinusoids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                       flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-        features = torch.cat([text_embeds.reshape(b, -1).to(emb.dtype), sinusoids.reshape(b, -1).to(emb.dtype)], -1)
-        return emb + self.add_embedding(features)
+        return micro_conditioned(cfg, self.add_embedding, emb, text_embeds, time_ids)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
