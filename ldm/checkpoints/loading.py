@@ -221,10 +221,11 @@ def _single_file_info(path: Path, layout: SingleFileLayout, schedule, shapes, dt
 
 
 # -- diffusers folders ----------------------------------------------------------------------------------------
-def _weight_files(sub: Path, stem: str) -> list[Path]:
+def _weight_files(sub: Path, stem: str, variant: str | None = None) -> list[Path]:
     """The weight file(s) of one pipeline component: safetensors before .bin, full precision before the
-    fp16 variant, a single file or the shards an ``*.index.json`` lists."""
-    for variant in ("", ".fp16"):
+    fp16 variant (``variant="fp16"``: the variant first, as diffusers' ``variant=`` asks), a single file or the
+    shards an ``*.index.json`` lists."""
+    for variant in ((f".{variant}", "") if variant else ("", ".fp16")):
         for ext in (".safetensors", ".bin"):
             single = sub / f"{stem}{variant}{ext}"
             if single.is_file():
@@ -248,8 +249,8 @@ class _Weights:
     tensors: dict | None = None
 
     @classmethod
-    def read(cls, sub: Path, stem: str, load_tensors_too: bool, dtype=None) -> _Weights:
-        files = _weight_files(sub, stem)
+    def read(cls, sub: Path, stem: str, load_tensors_too: bool, dtype=None, variant=None) -> _Weights:
+        files = _weight_files(sub, stem, variant)
         shapes, dtypes, tensors = {}, {}, {} if load_tensors_too else None
         text = sub.name in TEXT_SLOTS          # transformers < 5 saves under "text_model."; 5.x does not
         for f in files:
@@ -326,13 +327,13 @@ def _folder_configs(folder: Path, prediction_type) -> _FolderConfigs:
     return _FolderConfigs(unet, vae, texts, schedule, defaults, flags, family)
 
 
-def _folder(folder: Path, prediction_type, load_tensors_too: bool, dtype=None, vae_dtype=None):
+def _folder(folder: Path, prediction_type, load_tensors_too: bool, dtype=None, vae_dtype=None, variant=None):
     """(configs, per-component weights, ModelInfo) of a diffusers folder; loaded floating-point tensors in
     ``dtype`` when given (the VAE's in ``vae_dtype``)."""
     c = _folder_configs(folder, prediction_type)
     names = ("unet", "vae", *c.texts)
     weights = {name: _Weights.read(folder / name, SUBFOLDERS[name], load_tensors_too,
-                                   vae_dtype if name == "vae" else dtype) for name in names}
+                                   vae_dtype if name == "vae" else dtype, variant) for name in names}
     parameters = {name: _numel(w.shapes, lambda k: not k.endswith("position_ids")) for name, w in weights.items()}
     info = _info(folder, "diffusers", c.unet, c.vae, list(c.texts.values()), c.schedule, family=c.family,
                  parameters=parameters, dtype=_common_dtype(weights["unet"].dtypes, weights["unet"].dtypes),
@@ -349,8 +350,8 @@ def _folder_tokenizer(folder: Path, name: str):
         raise CheckpointError(f"{folder / name}: unreadable tokenizer ({exc})") from None
 
 
-def _load_folder(folder: Path, prediction_type, dtype, vae_dtype) -> Components:
-    c, weights, info = _folder(folder, prediction_type, True, dtype, vae_dtype)
+def _load_folder(folder: Path, prediction_type, dtype, vae_dtype, variant=None) -> Components:
+    c, weights, info = _folder(folder, prediction_type, True, dtype, vae_dtype, variant)
     unet = _on_meta(UNet, _config(UNetConfig, c.unet, folder / "unet" / "config.json", "U-Net"))
     # a folder saved with a TAESD swapped in (Pipeline.load_vae) holds a diffusers AutoencoderTiny as its VAE
     vae_classes = (AutoencoderTiny, TinyVAEConfig) if c.vae.get("_class_name") == "AutoencoderTiny" else \
@@ -374,7 +375,7 @@ def _load_folder(folder: Path, prediction_type, dtype, vae_dtype) -> Components:
 
 # -- public API ---------------------------------------------------------------------------------------------
 def load(path, *, device=None, dtype=None, vae_dtype=None, prediction_type=None,
-         use_ema: bool = True) -> Components:
+         use_ema: bool = True, variant: str | None = None) -> Components:
     """Load an SD single file (.safetensors / .ckpt), a diffusers pipeline folder or a folder saved by ldm.
 
     dtype: of the loaded networks (default float32); vae_dtype: the VAE's (default: dtype); each tensor is read
@@ -384,13 +385,14 @@ def load(path, *, device=None, dtype=None, vae_dtype=None, prediction_type=None,
     prediction_type: "epsilon" | "v_prediction" | "sample"; overrides the file's (single files cannot tell
     from their shapes: without this argument, a sidecar ``<name>.yaml`` with ``parameterization: "v"``, or
     ldm's own metadata, they are taken as epsilon). use_ema: use the EMA U-Net weights when the file has them.
+    variant: a diffusers folder's weight variant ("fp16": ``diffusion_pytorch_model.fp16.safetensors``).
     """
     _check_prediction(prediction_type)
     path = Path(path).expanduser()
     dtype = dtype or torch.float32
     vae_dtype = vae_dtype or dtype
     if path.is_dir():
-        components = _load_folder(path, prediction_type, dtype, vae_dtype)
+        components = _load_folder(path, prediction_type, dtype, vae_dtype, variant)
     elif path.is_file():
         components = _load_single_file(path, prediction_type, use_ema, dtype, vae_dtype)
     else:

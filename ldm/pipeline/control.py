@@ -36,6 +36,7 @@ from PIL import Image
 
 from ldm.checkpoints.control import CONTROLNET, T2I_ADAPTER, load_control
 from ldm.checkpoints.ip_adapter import IP_ADAPTER, check_encoder, load_image_encoder
+from ldm.checkpoints.library import resolve_file
 from ldm.denoiser import batch_sigma
 from ldm.models.controlnet import ControlNet
 from ldm.models.conv import pack_for_inference
@@ -396,8 +397,9 @@ def control_info(control) -> dict[str, str]:
 
 def load_unit(pipe, path, image_encoder=None) -> ControlModel:
     """``Pipeline.load_control``: a ControlNet / T2I-Adapter / IP-Adapter file or folder, checked against the
-    pipeline's U-Net; an IP-Adapter with its CLIP image encoder (a transformers folder)."""
-    path = Path(path)
+    pipeline's U-Net; an IP-Adapter with its CLIP image encoder (a transformers folder). A name that is not a path
+    is looked up in the pipeline's models folder (``ldm.checkpoints.library``)."""
+    path = resolve_file("controlnet", path, getattr(pipe, "library", None))
     model = load_control(path, pipe.unet, dtype=pipe.dtype, latent_factor=pipe.vae_scale_factor)
     model.to(device=pipe.device, dtype=pipe.dtype)
     kind = CONTROLNET if isinstance(model, ControlNet) else T2I_ADAPTER if isinstance(model, T2IAdapter) \

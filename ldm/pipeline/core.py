@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ldm import assets
 from ldm.checkpoints import load, save_diffusers
 from ldm.checkpoints.adapters import Patches, load_adapter
+from ldm.checkpoints.library import open_library, resolve_model
 from ldm.denoiser import Denoiser
 from ldm.devices import dtype_name, resolve_device, resolve_dtype, resolve_vae_dtype
 from ldm.guidance import classifier_free, conditioned, guidance_conditions
@@ -64,7 +65,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
     def __init__(self, components=None, *, device=None, dtype=None, vae_dtype=None, compile=False,
                  source: str | Path | None = None, lean: bool | None = None, emphasis: bool = True,
                  lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
-                 lora_strict: bool = True, backend: str | None = None):
+                 lora_strict: bool = True, backend: str | None = None, models_dir: str | Path | None = None):
         """``Pipeline()`` loads the shipped default model; ``components`` (``ldm.checkpoints.Components``) wraps
         models already in memory. ``dtype``: None = float32 (identical images everywhere); "auto" = the fast one
         for the device (``ldm.devices.auto_dtype``: bf16 on CPUs with native bf16, fp16 on CUDA). ``vae_dtype``:
@@ -76,7 +77,9 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         by hand (an optimizer over ``pipe.unet.parameters()``)? Turn it off with ``pipe.set_lean(False)``.
         ``emphasis``: read prompts in A1111's syntax (``ldm.pipeline.prompting``); ``lora_dir``: where
         ``<lora:NAME:W>`` tags find NAME.safetensors; ``embeddings_dir``: textual-inversion files loaded now,
-        each under its file's stem. ``compile``: run the U-Net through torch.compile (the first call at each
+        each under its file's stem. ``models_dir``: a models folder (A1111 / ComfyUI / ldm layout; default
+        $LDM_MODELS_DIR) whose names LoRA tags, ``load_vae`` and ``load_control`` take and whose embeddings load
+        (``ldm.checkpoints.library``). ``compile``: run the U-Net through torch.compile (the first call at each
         batch and size compiles, tens of seconds on a CPU; what it buys: docs/benchmarks.md). ``backend``: "auto"
         (default; $LDM_BACKEND overrides it): OpenVINO runs the U-Net and the VAE decoder on the CPU when it is
         installed, PyTorch otherwise; or "torch" / "openvino" (``ldm.pipeline.openvino_backend``)."""
@@ -121,8 +124,7 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self.adapters = Patches()
         self._controls = None   # the control units of the request running now (ldm.pipeline.control)
-        if embeddings_dir is not None:
-            self.load_embeddings_dir(embeddings_dir)
+        self.library = self.load_library(open_library(models_dir), embeddings_dir)
         prepare(self)   # OpenVINO: the default request's graphs start building in the background
 
     def set_lean(self, lean: bool) -> Pipeline:
@@ -136,15 +138,14 @@ class Pipeline(prompting.PromptFeatures, Applications, vae_swap.VAEFeatures):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, *, vae_dtype=None, compile=False,
-                        lean: bool = True, **options) -> Pipeline:
-        """Load an SD single file (.safetensors / .ckpt), a diffusers folder, or a folder saved by ldm."""
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"model {str(path)!r} does not exist (pass an SD .safetensors/.ckpt file or a "
-                             "diffusers/ldm model folder)")
+                        lean: bool = True, revision=None, variant=None, cache_dir=None, **options) -> Pipeline:
+        """Load an SD single file (.safetensors/.ckpt), a diffusers/ldm folder, a ``models_dir`` library name, or a
+        Hugging Face repo id from the local cache, offline (``revision``, ``variant``, ``cache_dir`` as diffusers)."""
+        path = resolve_model(path, open_library(options.get("models_dir")), revision=revision, cache_dir=cache_dir)
         # fail on a bad name before loading gigabytes; read each network straight into its dtype
         dev = resolve_device(device)
-        components = load(path, dtype=resolve_dtype(dtype, dev), vae_dtype=resolve_vae_dtype(vae_dtype, dtype, dev))
+        components = load(path, dtype=resolve_dtype(dtype, dev), vae_dtype=resolve_vae_dtype(vae_dtype, dtype, dev),
+                          variant=variant)
         return cls(components, device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, source=path,
                    lean=lean, **options)
 

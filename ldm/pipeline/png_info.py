@@ -13,7 +13,6 @@ reproduced as far as their settings map onto ldm's.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from ldm.checkpoints.library.hashes import lora_hash, weights_hash  # noqa: F401 - re-exported
 from ldm.files import atomic_path
 
 PARAMETERS_KEY = "parameters"
@@ -229,39 +229,3 @@ def read_png_info(path: str | os.PathLike) -> GenerationInfo:
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: unreadable generation metadata: {e}") from None
     raise ValueError(f"{path}: no generation metadata (neither an 'ldm' nor a 'parameters' text chunk)")
-
-
-def weights_hash(path: str | os.PathLike, length: int = 10) -> str:
-    """Short sha256 of a model's weights: A1111's "Model hash" for a single file (first 10 hex digits of the file's
-    sha256); for a folder, the sha256 over its weight files' own sha256 digests in sorted path order."""
-    path = Path(path)
-    if path.is_file():
-        return _file_sha256(path)[:length]
-    files = sorted(p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin", ".ckpt", ".pt"} and p.is_file())
-    if not files:
-        raise ValueError(f"{path}: no weight files to hash")
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(path).as_posix().encode() + b"\0" + _file_sha256(f).encode())
-    return digest.hexdigest()[:length]
-
-
-def lora_hash(path: str | os.PathLike, length: int = 12) -> str:
-    """A1111's "Lora hashes" entry for a file: for .safetensors kohya's "addnet" hash (sha256 of the bytes after
-    the header, so metadata edits keep it), else the file's sha256; the first 12 hex digits."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if path.suffix == ".safetensors":
-            f.seek(8 + int.from_bytes(f.read(8), "little"))
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -249,13 +249,17 @@ class PromptFeatures:
                 handle.remove()
 
     def _lora_file(self, name: str) -> Path:
-        if self.lora_dir is None:
+        """NAME.safetensors (.pt, .ckpt) in ``lora_dir``, else the library's LoRA of that name."""
+        library = getattr(self, "library", None)
+        if self.lora_dir is None and library is None:
             raise ValueError(f"the prompt asks for <lora:{name}:...> but no LoRA folder is set (lora_dir= / "
-                             "--lora-dir)")
-        for suffix in (".safetensors", ".pt", ".ckpt"):
+                             "--lora-dir, or a models folder: models_dir= / --models-dir)")
+        for suffix in (".safetensors", ".pt", ".ckpt") if self.lora_dir is not None else ():
             if (self.lora_dir / f"{name}{suffix}").is_file():
                 return self.lora_dir / f"{name}{suffix}"
-        raise ValueError(f"<lora:{name}:...>: no {name}.safetensors in {self.lora_dir}")
+        if library is None:
+            raise ValueError(f"<lora:{name}:...>: no {name}.safetensors in {self.lora_dir}")
+        return library.find("lora", name).path
 
     def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
         """Add a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds, SDXL
@@ -269,6 +273,16 @@ class PromptFeatures:
             for name, vectors in embeddings.items():
                 encoder.add_embedding(name, vectors.to(self.dtype))
         return list(found[0])
+
+    def load_library(self, library, embeddings_dir=None):
+        """Load ``embeddings_dir``'s embeddings, then the ``library``'s (``ldm.checkpoints.library``) under their
+        stems, skipping those for another model family as A1111 does; returns the library (or None)."""
+        if embeddings_dir is not None:
+            self.load_embeddings_dir(embeddings_dir)
+        for entry in library.of("embedding") if library is not None else ():
+            with contextlib.suppress(ValueError, OSError):     # CheckpointError is a ValueError
+                self.load_textual_inversion(entry.path, token=entry.path.stem)
+        return library
 
     def load_embeddings_dir(self, folder) -> list[str]:
         """Every embedding file in ``folder``, each under its stem (A1111's embeddings folder); files for

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ldm.checkpoints.infer import SDXL_SCALING_FACTOR
+from ldm.checkpoints.library import resolve_file
 from ldm.checkpoints.tensor_io import CheckpointError
 from ldm.checkpoints.vae_files import VAEFile, load_vae_file
 from ldm.models.conv import pack_for_inference
@@ -54,7 +55,9 @@ def model_latent_scale(pipe) -> tuple[float, float | None]:
 
 def load_vae(pipe, path) -> object:
     """Replace ``pipe``'s VAE by the one in ``path``; returns ``pipe``. A VAE whose latents are not the model's
-    (other channel count or downscale) is refused, naming the file, and the pipeline keeps its VAE."""
+    (other channel count or downscale) is refused, naming the file, and the pipeline keeps its VAE. A name that is
+    not a path is looked up in the pipeline's models folder (``ldm.checkpoints.library``)."""
+    path = resolve_file("vae", path, getattr(pipe, "library", None))
     scale, shift = model_latent_scale(pipe)
     old = pipe.vae
     loaded = load_vae_file(path, dtype=pipe.vae_dtype, scaling_factor=scale, shift_factor=shift,
