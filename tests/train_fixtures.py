@@ -63,6 +63,36 @@ def unet_overrides(data: Path, vae: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def make_base_model(root: Path) -> tuple[Path, Path, Path]:
+    """(data, VAE folder, model folder): a tiny random model to fine-tune or steer, its U-Net moved off its
+    zero-initialised output layer so that its outputs differ per input."""
+    from ldm.train.build import build_components, write_model
+    from ldm.train.config import load_config
+
+    data = make_shapes(root / "data")
+    vae = make_vae(root / "vae", data)
+    torch.manual_seed(0)
+    cfg = load_config(None, unet_overrides(data, vae, root / "unused"))
+    components = build_components(cfg)
+    with torch.no_grad():
+        for p in components.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return data, vae, write_model(components, cfg, root / "base")
+
+
+def dies_at(trainer, step: int):
+    """Make ``trainer`` stop with KeyboardInterrupt when it reaches ``step`` (a run killed there)."""
+    train_step = trainer.train_step
+
+    def killed(i):
+        if i == step:
+            raise KeyboardInterrupt
+        return train_step(i)
+
+    trainer.train_step = killed
+    return trainer
+
+
 def model_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a saved model folder (or VAE folder), keyed by relative file and tensor name."""
     from safetensors.torch import load_file

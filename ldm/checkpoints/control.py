@@ -29,7 +29,8 @@ from ldm.checkpoints.control_keys import (CONTROL_PREFIX, DIFFUSERS_CONTROLNET, 
 from ldm.checkpoints.keys import KeyMap, check, gather
 from ldm.checkpoints.ip_adapter import IP_ADAPTER, load_ip_adapter
 from ldm.checkpoints.loading import _weight_files
-from ldm.checkpoints.tensor_io import PICKLE_SUFFIXES, CheckpointError, error_list, load_tensors, read_json
+from ldm.checkpoints.tensor_io import (PICKLE_SUFFIXES, CheckpointError, error_list, load_tensors, read_json,
+                                      write_json, write_safetensors)
 from ldm.models.controlnet import ControlNet, ControlNetConfig
 from ldm.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from ldm.models.unet import CROSS_DOWN, PLAIN_DOWN, UNet, UNetConfig
@@ -321,6 +322,19 @@ def load_control(path, unet: UNet | None = None, *, dtype: torch.dtype | None = 
     else:
         model = _load_t2i(path, tensors, config, layout, base, latent_factor)
     return model.eval().requires_grad_(False)
+
+
+def save_controlnet(model: ControlNet, folder, dtype: torch.dtype | None = None) -> Path:
+    """``folder`` as a diffusers ``ControlNetModel`` folder (config.json + diffusion_pytorch_model.safetensors), the
+    weights in ``dtype`` (None: as they are); ``load_control`` and diffusers' ``ControlNetModel.from_pretrained``
+    read it."""
+    folder = Path(folder)
+    # weights first: a folder with config.json is whole (each file is itself written atomically)
+    write_safetensors(folder / "diffusion_pytorch_model.safetensors",
+                      {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                       for k, v in model.state_dict().items()})
+    write_json(folder / "config.json", {"_class_name": "ControlNetModel", **model.config.to_dict()})
+    return folder
 
 
 def _load_controlnet(path, tensors, config, layout, base, unet):

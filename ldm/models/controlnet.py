@@ -15,7 +15,9 @@ SDXL's ControlNets carry the micro-conditioning embedding (``add_embedding``) as
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,9 @@ CONTROL_DEFAULTS = {
     "controlnet_conditioning_channel_order": "rgb",
     "global_pool_conditions": False,
 }
+# What ``ControlNet.from_unet`` copies from the U-Net (diffusers' ControlNetModel.from_unet: conv_in, the time and
+# added embeddings, the down blocks and the middle block); everything else starts at zero or at random.
+COPIED = ("conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
 # U-Net config keys a ControlNet config never has (it has no decoder half); filled from the encoder's.
 _DECODER_KEYS = ("up_block_types", "out_channels")
 
@@ -128,6 +133,39 @@ class ControlNet(nn.Module):
             prev = channels[i]
         self.mid_block = MidStage(channels[-1], temb, attention=spatial_transformer(cfg.levels - 1), **common)
         self.controlnet_mid_block = Conv2d(channels[-1], channels[-1], 1)
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, conditioning_channels: int = 3,
+                  conditioning_embedding_out_channels: tuple[int, ...] | None = None,
+                  latent_factor: int = 8) -> ControlNet:
+        """A ControlNet to train for ``unet``, as diffusers' ``ControlNetModel.from_unet`` makes it (Zhang et al.
+        2023, §3): the encoder half copied from the U-Net, the zero convolutions and the hint embedding's conv_out
+        at zero, so that before training the U-Net's output is unchanged. ``conditioning_embedding_out_channels``:
+        the hint embedding's widths, one halving between each two; by default diffusers' (16, 32, 96, 256) cut to
+        the VAE's ``latent_factor`` (SD's 8: all four; ldm's default model's 4: (16, 32, 96))."""
+        if conditioning_embedding_out_channels is None:
+            halvings = int(math.log2(latent_factor))
+            if 2 ** halvings != latent_factor or not 1 <= halvings <= 3:
+                raise ValueError(f"ControlNet.from_unet: latent_factor={latent_factor} is not 2, 4 or 8; give "
+                                 "conditioning_embedding_out_channels (one more width than halvings)")
+            conditioning_embedding_out_channels = CONTROL_DEFAULTS["conditioning_embedding_out_channels"][:halvings + 1]
+        config = ControlNetConfig(copy.deepcopy(unet.config), conditioning_channels,
+                                  tuple(conditioning_embedding_out_channels))
+        if config.unet.time_cond_proj_dim:
+            raise ValueError("ControlNet.from_unet: a U-Net with time_cond_proj_dim (LCM-distilled) has no ControlNet "
+                             "layout in diffusers")
+        model = cls(config).to(device=unet.time_embedding.linear_1.weight.device, dtype=unet.dtype)
+        copied = {k: v.detach().clone() for k, v in unet.state_dict().items() if k.startswith(COPIED)}
+        missing, unexpected = model.load_state_dict(copied, strict=False)
+        if unexpected or any(k.startswith(COPIED) for k in missing):
+            raise ValueError(f"ControlNet.from_unet: the U-Net's encoder does not match its copy (unexpected "
+                             f"{unexpected[:3]}, missing {[k for k in missing if k.startswith(COPIED)][:3]})")
+        with torch.no_grad():
+            for zero in (*model.controlnet_down_blocks, model.controlnet_mid_block,
+                         model.controlnet_cond_embedding.conv_out):
+                zero.weight.zero_()
+                zero.bias.zero_()
+        return model
 
     @property
     def dtype(self) -> torch.dtype:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 
-STAGES = ("vae", "unet")
+STAGES = ("vae", "unet", "controlnet")
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,20 @@ class VAELossConfig:
 
 
 @dataclass
+class ControlNetTrainConfig:
+    """stage=controlnet: a ControlNet trained beside the frozen init model (docs/training.md, "ControlNet")."""
+    init: str | None = None              # a ControlNet to continue (what load_control reads); None: a copy of
+                                         # the U-Net's encoder with zero convs (diffusers' ControlNetModel.from_unet)
+    hint_channels: list[int] = field(default_factory=list)  # the hint embedding's widths, one halving between
+                                         # two; []: diffusers' (16, 32, 96, 256) cut to the VAE's downscale
+    column: str = "conditioning_image"   # metadata.jsonl/csv field naming each image's control image (diffusers'
+                                         # train_controlnet.py column); data without it: canny of the image
+    canny_low: int = 100                 # thresholds of that canny (ldm.pipeline.preprocess.canny)
+    canny_high: int = 200
+    validation_scale: float = 1.0        # the control's weight in the validation grids
+
+
+@dataclass
 class ModelConfig:
     unet: dict[str, Any] = field(default_factory=dict)          # ldm.models.unet.UNetConfig keys
     vae: dict[str, Any] = field(default_factory=dict)           # ldm.models.vae.VAEConfig keys
@@ -92,7 +106,8 @@ class DefaultsConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "unet"                  # "vae" (autoencoder from scratch) | "unet" (U-Net, text encoder)
+    stage: str = "unet"                  # "vae" (autoencoder from scratch) | "unet" (U-Net, text encoder) |
+                                         # "controlnet" (a ControlNet for init=MODEL, the model frozen)
     output: str | None = None
     init: str | None = None              # model to fine-tune; None = from scratch
     vae_from: str | None = None          # a trained VAE (model folder or its vae/ subfolder) for stage "unet"
@@ -127,6 +142,7 @@ class TrainConfig:
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -161,6 +177,13 @@ class TrainConfig:
             raise ConfigError("lora.rank > 0 needs init=MODEL: a LoRA adapts an existing model")
         if self.stage == "vae" and self.lora.rank:
             raise ConfigError("stage=vae does not support LoRA")
+        if self.stage == "controlnet" and self.init is None:
+            raise ConfigError("stage=controlnet needs init=MODEL: a ControlNet steers an existing model")
+        if self.stage == "controlnet" and self.lora.rank:
+            raise ConfigError("stage=controlnet does not support LoRA (it trains the whole ControlNet)")
+        if self.stage == "controlnet" and not 0 <= self.controlnet.canny_low <= self.controlnet.canny_high:
+            raise ConfigError(f"controlnet.canny_low={self.controlnet.canny_low} must be in [0, canny_high="
+                              f"{self.controlnet.canny_high}]")
         if self.stage == "vae" and not self.train_vae_encoder and self.init is None:
             raise ConfigError("train_vae_encoder=false fine-tunes a trained VAE's decoder: it needs init=MODEL")
         return self

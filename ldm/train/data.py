@@ -215,13 +215,19 @@ class Transform:
     def is_random(self) -> bool:
         return self.crop == "random" or self.flip or self.augment
 
-    def __call__(self, path: Path, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    def image(self, path: Path, size: tuple[int, int], g: torch.Generator) -> Image.Image:
+        """The transformed image (RGB, ``size`` = (w, h)); the same generator state gives the same geometry
+        whatever the image, so a pair (image, control image) transformed from one state stays aligned."""
         img = resize_crop(load_rgb(path, self.fill), size, self.crop, g)
         if self.augment:
             img = identity_augment(img, g, self.shift, self.scale, self.fill)
         if self.flip and _uniform(g) < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img)[0]
+        return img
+
+    def __call__(self, path: Path, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+        """(3, h, w) float32 in [-1, 1]."""
+        return to_tensor(self.image(path, size, g))[0]
 
     def fingerprint(self) -> str:
         return f"{self.crop}/{self.flip}/{self.augment}/{self.shift}/{self.scale}/{tuple(self.fill)}"
@@ -315,13 +321,16 @@ class CaptionDataset(torch.utils.data.Dataset):
     """Indexed by ``(item, sample_seed)``; returns the caption and either pixels or cached latents.
 
     ``latents``: optional per-item (mean, logvar) tensors of shape (V, C, h, w) from ``ldm.latent_cache``
-    (V augmented variants); then one variant is picked at random and no image is decoded.
+    (V augmented variants); then one variant is picked at random and no image is decoded. ``hints``
+    (ControlNet training, ``ldm.train.control_data.Hints``): each sample also gets its control image as
+    ``hint`` (uint8, (C, H, W)), cached beside the latents (a third tensor per item, (V, C, H, W)) or made here.
     """
 
     def __init__(self, records: list[Record], sizes: list[tuple[int, int]], transform: Transform,
-                 caption_dropout: float = 0.0, latents: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 caption_dropout: float = 0.0, latents: list[tuple[torch.Tensor, ...]] | None = None,
+                 hints=None):
         self.records, self.sizes, self.transform = records, sizes, transform
-        self.caption_dropout, self.latents = caption_dropout, latents
+        self.caption_dropout, self.latents, self.hints = caption_dropout, latents, hints
 
     def __len__(self) -> int:
         return len(self.records)
@@ -335,9 +344,13 @@ class CaptionDataset(torch.utils.data.Dataset):
             caption = ""
         out = {"caption": caption, "seed": derive_seed(seed, "noise")}
         if self.latents is not None:
-            mean, logvar = self.latents[item]
+            mean, logvar, *hint = self.latents[item]
             v = int(torch.randint(mean.shape[0], (), generator=g))
             out["latent_mean"], out["latent_logvar"] = mean[v].float(), logvar[v].float()
+            if hint:
+                out["hint"] = hint[0][v]
+        elif self.hints is not None:
+            out["pixels"], out["hint"] = self.hints(self.transform, r, self.sizes[item], g)
         else:
             out["pixels"] = self.transform(r.path, self.sizes[item], g)
         return out

@@ -1,4 +1,4 @@
-"""``ldm train``: the Accelerate training loop for both stages (VAE; U-Net + text encoder or LoRA).
+"""``ldm train``: the Accelerate training loop for every stage (VAE; U-Net + text encoder or LoRA; ControlNet).
 
     ldm train --data DIR --output DIR [--config FILE] [--init MODEL] [--lora RANK] [--max-steps N]
               [--batch-size N] [--lr X] [--checkpoint-every N] [--resume] [--seed N] [--strict] [KEY=VALUE ...]
@@ -12,7 +12,7 @@ continue exactly where a checkpoint left off.
 
 Outputs in OUTPUT: ``model/`` (a folder ``Pipeline.from_pretrained`` loads; stage "vae": ``model/vae/``, and with
 ``init=MODEL`` the whole model beside it, its VAE replaced),
-``lora.safetensors`` with ``--lora``, ``checkpoints/step-N/``, ``log.csv``, ``samples/`` and ``config.yaml``.
+``lora.safetensors`` with ``--lora``, ``controlnet/`` with ``stage=controlnet`` (a diffusers ControlNetModel folder), ``checkpoints/step-N/``, ``log.csv``, ``samples/`` and ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from ldm.models.vae import AutoencoderKL
 from ldm.train import checkpoint as ckpt, data as D
 from ldm.train.build import build_components, vae_config
 from ldm.train.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from ldm.train.control_data import Hints
+from ldm.train.control_stage import ControlNetStage
 from ldm.train.latent_cache import LatentCache
 from ldm.train.stages import UNetStage, VAEStage, make_ema
 
@@ -55,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, metavar="N")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-4 "
-                        "data.resolution=64 stage=vae (see ldm/train/config.py for every key)")
+                        "data.resolution=64 stage=vae|unet|controlnet (stage=controlnet: a ControlNet for --init, "
+                        "control images from the data's conditioning_image field or canny; see ldm/train/config.py "
+                        "for every key and docs/training.md)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -144,23 +148,27 @@ class Trainer:
             self._make_data(multiple=vae.config.downscale, vae=None)
             return VAEStage(cfg, vae, components)
         components = build_components(cfg)
-        self._make_data(multiple=components.vae.config.downscale, vae=components.vae)
-        return UNetStage(cfg, components)
+        control = cfg.stage == "controlnet"
+        self._make_data(multiple=components.vae.config.downscale, vae=components.vae, hints=control)
+        return ControlNetStage(cfg, components) if control else UNetStage(cfg, components)
 
-    def _make_data(self, multiple: int, vae) -> None:
+    def _make_data(self, multiple: int, vae, hints: bool = False) -> None:
+        """The dataset and its order; ``hints``: each sample with its control image (stage "controlnet")."""
         cfg = self.cfg.data
         found = D.build(cfg, size_multiple=multiple)
         records, sizes = found.records, found.sizes
+        c = self.cfg.controlnet
+        hints = Hints.for_records(records, cfg.path, c.column, c.canny_low, c.canny_high) if hints else None
         transform = D.Transform(crop=cfg.crop, flip=cfg.flip, augment=cfg.augment, shift=cfg.augment_shift,
                                 scale=cfg.augment_scale, fill=cfg.augment_fill)
         latents = None
         if vae is not None and cfg.cache_latents:
             folder = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
             vae.to(self.device).eval()
-            latents = LatentCache(folder, vae, transform, cfg.augment_variants).prepare(
+            latents = LatentCache(folder, vae, transform, cfg.augment_variants, hints).prepare(
                 records, sizes, rank=self.rank, world=self.world, barrier=self.acc.wait_for_everyone,
                 progress=self.main and self.cfg.progress)
-        self.dataset = D.CaptionDataset(records, sizes, transform, self.cfg.data.caption_dropout, latents)
+        self.dataset = D.CaptionDataset(records, sizes, transform, self.cfg.data.caption_dropout, latents, hints)
         global_batch = self.cfg.batch_size * self.world * self.cfg.grad_accum
         self.order = D.DataOrder(len(records), global_batch, self.cfg.seed, found.buckets, found.repeats)
 

@@ -1,4 +1,4 @@
-"""The two things ldm trains, each as a *stage*: what is trained, its loss, its validation and its output.
+"""The things ldm trains, each as a *stage*: what is trained, its loss, its validation and its output.
 
 * ``VAEStage``: AutoencoderKL from scratch on pixels. Loss = L1 + L2 reconstruction of a sample
   z ~ q(z | x) plus a small KL(q(z | x) || N(0, I)) (Rombach et al. 2022, §3; no perceptual or adversarial
@@ -11,6 +11,7 @@
   also takes what the pipeline gives it (``ldm.pipeline.conditioning``): both encoders' context, bigG's pooled
   embedding and the micro-conditioning time ids, here original size = target size = the batch's image size and
   crop (0, 0) (the refiner: its aesthetic score), as diffusers' SDXL training scripts do for uncropped images.
+* ``ControlNetStage`` (``ldm.train.control_stage``): a ControlNet beside the frozen U-Net, the same loss.
 
 All per-sample randomness (z ~ q(z|x), t, noise, offset noise) comes from the sample's own seed in the
 batch (``ldm.data``), so the result does not depend on how a global batch is split across processes.
@@ -178,20 +179,92 @@ class DiffusionModel(nn.Module):
         return self._unet_forward(x_t, t, context, **added)
 
 
-class UNetStage:
-    name = "unet"
+class LatentDiffusion:
+    """What the stages that train on the frozen VAE's latents share (UNetStage, and ControlNetStage in
+    ``ldm.train.control_stage``): the latents, the noise schedule, frozen text conditions, the noised input and
+    the loss on a prediction."""
 
     def __init__(self, cfg: TrainConfig, components: Components):
         self.cfg, self.components = cfg, components
-        unet, text, vae = components.unet, components.text_encoder, components.vae
         self.schedule = NoiseSchedule(components.schedule)
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
-        self.vae = vae.eval().requires_grad_(False)
-        self.lora = cfg.lora.rank > 0
+        self.vae = components.vae.eval().requires_grad_(False)
         self.conditioner = TextConditioner.for_components(components)
+        self.contexts: dict[str, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def frozen_conditions(self, captions: list[str], device) -> dict[str, torch.Tensor]:
+        """The conditions of frozen text encoders ({"context"}, SDXL also {"text_embeds"}), kept in memory per
+        caption (up to CONTEXT_CACHE entries). Each caption is encoded on its own, so its conditions never
+        depend on which captions shared its batch."""
+        rows = []
+        for caption in captions:
+            row = self.contexts.get(caption)
+            if row is None:
+                row = {k: v[0].to(device) for k, v in self.conditioner.encode_one(caption).items()}
+                if len(self.contexts) < CONTEXT_CACHE:
+                    self.contexts[caption] = row
+            rows.append(row)
+        return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+
+    @torch.no_grad()
+    def latents(self, batch: dict, gens: list[torch.Generator], device) -> torch.Tensor:
+        """z ~ q(z | x), then shifted and scaled to the U-Net's unit-variance latent space."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), (0.5 * batch["latent_logvar"].to(device)).exp()
+        else:
+            with torch.autocast(device.type, enabled=False):
+                posterior = self.vae.encode(batch["pixels"].to(device, torch.float32))
+            mean, std = posterior.mean, posterior.std
+        z = mean + std * randn(mean.shape, gens, device=device)
+        vcfg = self.vae.config
+        return (z - (vcfg.shift_factor or 0.0)) * vcfg.scaling_factor
+
+    def noised(self, batch: dict, device):
+        """(z, t, noise, x_t, added): the batch's latents, a uniform timestep and noise per sample (from its own
+        seed), the noised latents q(x_t | z), and the U-Net's other conditions (SDXL: text_embeds, time_ids)."""
+        gens = [generator(s) for s in batch["seed"]]
+        z = self.latents(batch, gens, device)
+        T = self.schedule.num_timesteps
+        t = torch.stack([torch.randint(T, (), generator=g) for g in gens]).to(device)
+        noise = losses.offset_noise(z.shape, self.cfg.offset_noise, generator=gens, device=device)
+        x_t = self.schedule.q_sample(z, t, noise)
+        down = self.vae.config.downscale
+        added = {k: v.to(device) for k, v in self.conditioner.added(
+            z.shape[0], z.shape[2] * down, z.shape[3] * down, None, negative=False).items()}
+        return z, t, noise, x_t, added
+
+    def prediction_loss(self, pred: torch.Tensor, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        """The diffusion loss of the network's prediction, on the model's own target (ε or v), so a fine-tune or a
+        ControlNet keeps it."""
+        ab = self.alphas_cumprod.to(t.device)[t]
+        prediction = self.schedule.config.prediction_type
+        return losses.diffusion_loss(pred.float(), z.float(), noise.float(), ab, prediction, self.cfg.snr_gamma)
+
+    @contextlib.contextmanager
+    def pipeline(self, unet: nn.Module, text_encoder: nn.Module, text_encoder_2: nn.Module | None, live: nn.Module):
+        """A Pipeline over the live networks (no copies); the requires_grad flags of ``live``'s parameters come
+        back afterwards."""
+        flags = [(p, p.requires_grad) for p in live.parameters()]
+        c = self.components
+        comps = Components(unet, self.vae, text_encoder, c.schedule, c.info, vars(self.cfg.defaults),
+                           text_encoder_2=text_encoder_2, pipeline_config=c.pipeline_config)
+        try:
+            yield Pipeline(comps, device=next(live.parameters()).device)
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+class UNetStage(LatentDiffusion):
+    name = "unet"
+
+    def __init__(self, cfg: TrainConfig, components: Components):
+        super().__init__(cfg, components)
+        unet, text = components.unet, components.text_encoder
+        self.lora = cfg.lora.rank > 0
         train_text = cfg.train_text_encoder or (self.lora and cfg.lora.text_encoder)
         self.module = DiffusionModel(unet, text, train_text, components.text_encoder_2, self.conditioner)
-        self.contexts: dict[str, dict[str, torch.Tensor]] = {}
         unet.train()
         encoders = components.text_encoders
         for encoder in encoders:
@@ -210,72 +283,24 @@ class UNetStage:
                 encoder.requires_grad_(cfg.train_text_encoder)
                 self.text_params += list(encoder.parameters()) if cfg.train_text_encoder else []
 
-    @torch.no_grad()
-    def frozen_conditions(self, captions: list[str], device) -> dict[str, torch.Tensor]:
-        """The conditions of frozen text encoders ({"context"}, SDXL also {"text_embeds"}), kept in memory per
-        caption (up to CONTEXT_CACHE entries). Each caption is encoded on its own, so its conditions never
-        depend on which captions shared its batch."""
-        rows = []
-        for caption in captions:
-            row = self.contexts.get(caption)
-            if row is None:
-                row = {k: v[0].to(device) for k, v in self.conditioner.encode_one(caption).items()}
-                if len(self.contexts) < CONTEXT_CACHE:
-                    self.contexts[caption] = row
-            rows.append(row)
-        return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
-
     def param_groups(self) -> list[dict]:
         groups = [{"params": self.unet_params, "lr": self.cfg.lr}]
         if self.text_params:
             groups.append({"params": self.text_params, "lr": self.cfg.text_encoder_lr or self.cfg.lr})
         return groups
 
-    @torch.no_grad()
-    def latents(self, batch: dict, gens: list[torch.Generator], device) -> torch.Tensor:
-        """z ~ q(z | x), then shifted and scaled to the U-Net's unit-variance latent space."""
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"].to(device), (0.5 * batch["latent_logvar"].to(device)).exp()
-        else:
-            with torch.autocast(device.type, enabled=False):
-                posterior = self.vae.encode(batch["pixels"].to(device, torch.float32))
-            mean, std = posterior.mean, posterior.std
-        z = mean + std * randn(mean.shape, gens, device=device)
-        vcfg = self.vae.config
-        return (z - (vcfg.shift_factor or 0.0)) * vcfg.scaling_factor
-
     def loss(self, model: nn.Module, batch: dict, device) -> torch.Tensor:
-        gens = [generator(s) for s in batch["seed"]]
-        z = self.latents(batch, gens, device)
-        T = self.schedule.num_timesteps
-        t = torch.stack([torch.randint(T, (), generator=g) for g in gens]).to(device)
-        noise = losses.offset_noise(z.shape, self.cfg.offset_noise, generator=gens, device=device)
-        x_t = self.schedule.q_sample(z, t, noise)
-        down = self.vae.config.downscale
-        added = {k: v.to(device) for k, v in self.conditioner.added(
-            z.shape[0], z.shape[2] * down, z.shape[3] * down, None, negative=False).items()}
+        z, t, noise, x_t, added = self.noised(batch, device)
         if self.module.train_text and self.conditioner.pooled:
             pred = model(x_t, t, captions=list(batch["caption"]), **added)
         elif self.module.train_text:
             pred = model(x_t, t, ids=self.components.text_encoder.tokenize(batch["caption"]).to(device), **added)
         else:
             pred = model(x_t, t, **self.frozen_conditions(batch["caption"], device), **added)
-        ab = self.alphas_cumprod.to(device)[t]
-        prediction = self.schedule.config.prediction_type   # the model's own, so a fine-tune keeps it
-        return losses.diffusion_loss(pred.float(), z.float(), noise.float(), ab, prediction, self.cfg.snr_gamma)
+        return self.prediction_loss(pred, z, noise, t)
 
-    @contextlib.contextmanager
     def _pipeline(self, module: DiffusionModel):
-        """A Pipeline over the live networks (no copies); their requires_grad flags come back afterwards."""
-        flags = [(p, p.requires_grad) for p in module.parameters()]
-        c = self.components
-        comps = Components(module.unet, self.vae, module.text_encoder, c.schedule, c.info, vars(self.cfg.defaults),
-                           text_encoder_2=module.text_encoder_2, pipeline_config=c.pipeline_config)
-        try:
-            yield Pipeline(comps, device=next(module.parameters()).device)
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
+        return self.pipeline(module.unet, module.text_encoder, module.text_encoder_2, module)
 
     @torch.no_grad()
     def validate(self, module: DiffusionModel, dataset, path: Path) -> None:

@@ -4,12 +4,11 @@ loading it at scale 0 is the base model, at scale 1 the fine-tuned one (and fuse
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import make_shapes, make_vae, unet_overrides
+from train_fixtures import make_base_model, unet_overrides
 
 from ldm import Pipeline
 from ldm.checkpoints.adapters.lora import UNET_TARGETS, adapters, add_lora, fuse, read_lora, unload
 from ldm.train import Trainer
-from ldm.train.build import build_components, write_model
 from ldm.train.config import ConfigError, load_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -18,16 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny random model folder to fine-tune, and its data."""
-    root = tmp_path_factory.mktemp("lora")
-    data = make_shapes(root / "data")
-    vae = make_vae(root / "vae", data)
-    torch.manual_seed(0)
-    cfg = load_config(None, unet_overrides(data, vae, root / "unused"))
-    components = build_components(cfg)
-    with torch.no_grad():     # move the U-Net off its zero-initialised output layer, so outputs differ per input
-        for p in components.unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return data, vae, write_model(components, cfg, root / "base")
+    return make_base_model(tmp_path_factory.mktemp("lora"))
 
 
 def _outputs(pipe, prompts=("red circle", "blue square")):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import TINY_VAE, make_shapes, make_vae, model_weights, unet_overrides
+from train_fixtures import TINY_VAE, dies_at, make_shapes, make_vae, model_weights, unet_overrides
 
 from ldm.train import Trainer, train_main
 from ldm.train.config import load_config
@@ -102,15 +102,7 @@ def test_resume_is_exact(shapes, tmp_path):
                                       "data.caption_dropout": 0.3})
     _train(unet_overrides(data, vae, tmp_path / "straight", **extra))
 
-    killed = Trainer(load_config(None, unet_overrides(data, vae, tmp_path / "killed", **extra)))
-    step = killed.train_step
-
-    def dies_at_4(i):
-        if i == 4:
-            raise KeyboardInterrupt
-        return step(i)
-
-    killed.train_step = dies_at_4
+    killed = dies_at(Trainer(load_config(None, unet_overrides(data, vae, tmp_path / "killed", **extra))), 4)
     with pytest.raises(KeyboardInterrupt):
         killed.fit()
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step-00000003"]
