@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     devices = tuple(d.strip() or None for d in args.device.split(",")) if args.device else (None,)
     settings = ServeSettings(model=args.model, host=args.host, port=args.port, data=args.data,
                              api_key=args.api_key, max_queue=args.max_queue, max_size=args.max_size,
-                             max_steps=args.max_steps, devices=devices, dtype=args.dtype, vae=args.vae)
+                             max_steps=args.max_steps, devices=devices, dtype=args.dtype, vae=args.vae,
+                             models_dir=args.models_dir)
     server = Server(settings)
     again = f", {server.recovered} unfinished jobs resumed" if server.recovered else ""
     print(f"ldm serve: http://{args.host}:{args.port} (model {server.model_card()['model_name']}, "

@@ -31,7 +31,7 @@ from ldm.serve.spec import FieldError, JobSpec, random_seed
 
 # ldm option -> A1111 field (the names a FieldError reports)
 NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "num": "batch_size", "strength": "denoising_strength",
-         "spacing": "scheduler"}
+         "spacing": "scheduler", "model": "override_settings.sd_model_checkpoint"}
 # Fields that change the image in ways ldm does not reproduce: refused when "on" (truthy).
 UNSUPPORTED = ("enable_hr", "restore_faces", "tiling", "subseed_strength", "alwayson_scripts", "script_name")
 # A1111's scheduler names (modules/sd_schedulers.py) where they are not ldm's spacing names.
@@ -118,6 +118,7 @@ def spec_from_txt2img(body: Any, defaults: dict[str, Any], mode: str = "txt2img"
         counts[key] = _get(body, key, int, 1)
         if counts[key] < 1:
             raise FieldError(key, f"{key} must be an integer >= 1, got {counts[key]}")
+    override = _get(body, "override_settings", dict, {})    # of A1111's settings, the model is the one ldm takes
     steps = _get(body, "steps", int, None)
     if steps is not None and steps < 1:
         raise FieldError("steps", f"steps must be an integer >= 1, got {steps}")
@@ -126,7 +127,7 @@ def spec_from_txt2img(body: Any, defaults: dict[str, Any], mode: str = "txt2img"
         seed=random_seed() if seed == -1 else seed, steps=steps, guidance=_get(body, "cfg_scale", float, None),
         sampler=sampler, spacing=spacing, eta=eta, width=_get(body, "width", int, None),
         height=_get(body, "height", int, None), batch_size=counts["batch_size"], n_iter=counts["n_iter"],
-        mode=mode, api="a1111", names=NAMES)
+        mode=mode, api="a1111", names=NAMES, model=_get(override, "sd_model_checkpoint", str, None))
 
 
 def decode_image(value: Any, key: str) -> Image.Image:

@@ -22,8 +22,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ldm.serve import a1111
 from ldm.serve.jobs import QueueFull
+from ldm.serve.model_routes import model_routes
 from ldm.serve.server import Server
-from ldm.serve.spec import FieldError, check, spec_from_job_request
+from ldm.serve.spec import FieldError, spec_from_job_request
 from ldm.serve.store import parse_image_id
 
 MAX_BODY = 64 << 20
@@ -42,6 +43,7 @@ def create_app(server: Server) -> FastAPI:
             for name in ("index.html", *STATIC)}
     _errors(app)
     _auth(app, server.settings.api_key)
+    model_routes(app, server, _body)
     _a1111_routes(app, server)
     _job_routes(app, server)
 
@@ -108,14 +110,14 @@ def _client(request: Request) -> str:
 # ---------------------------------------------------------------------- AUTOMATIC1111
 def _a1111_routes(app: FastAPI, server: Server) -> None:
     async def generate(request: Request, spec, inputs=None, body=None) -> JSONResponse:
-        spec = check(spec, server.limits, server.pipe)
+        spec = await asyncio.to_thread(server.checked, spec)     # loads the model it names, once
         job = await asyncio.to_thread(server.submit, spec, _client(request), inputs)
         job = await server.wait(job.id)
         if job.status == "failed":
             return JSONResponse({"error": "GenerationError", "detail": job.error, "errors": job.error}, 500)
         images, infos = await asyncio.to_thread(_results, server, job)
         return JSONResponse({"images": images, "parameters": a1111.parameters(body, spec),
-                             "info": a1111.info(spec, infos, server.model_card())})
+                             "info": a1111.info(spec, infos, server.models.card(spec.model))})
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request) -> JSONResponse:
@@ -141,34 +143,6 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
     @app.get("/sdapi/v1/schedulers")
     async def schedulers() -> list[dict[str, Any]]:
         return a1111.schedulers()
-
-    @app.get("/sdapi/v1/sd-models")
-    async def sd_models() -> list[dict[str, Any]]:
-        return [server.model_card()]
-
-    @app.get("/sdapi/v1/sd-vae")
-    async def sd_vae() -> list[dict[str, Any]]:
-        return a1111.sd_vae(server.pipe)
-
-    @app.get("/sdapi/v1/options")
-    async def get_options() -> dict[str, Any]:
-        card = server.model_card()
-        return {"sd_model_checkpoint": card["title"], "sd_checkpoint_hash": card["hash"], "samples_format": "png",
-                "eta_ddim": 0.0, "eta_ancestral": 1.0, "CLIP_stop_at_last_layers": 1,
-                "sd_vae": a1111.vae_option(server.pipe), **server.options}
-
-    @app.post("/sdapi/v1/options")
-    async def set_options(request: Request) -> None:
-        body = await _body(request)
-        if not isinstance(body, dict):
-            raise FieldError("body", "options must be a JSON object")
-        wanted = body.get("sd_model_checkpoint")
-        card = server.model_card()
-        if wanted is not None and wanted not in (card["title"], card["model_name"], card["hash"]):
-            raise FieldError("sd_model_checkpoint", f"sd_model_checkpoint {wanted!r}: this server serves only "
-                                                    f"{card['title']!r} (start another with --model)")
-        a1111.check_vae_option(server.pipe, body.get("sd_vae"))
-        server.options.update({k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_vae")})
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -198,7 +172,7 @@ def _job_routes(app: FastAPI, server: Server) -> None:
     @app.post("/ldm/v1/jobs", status_code=202)
     async def submit(request: Request) -> JSONResponse:
         body = await _body(request)
-        spec = check(spec_from_job_request(body, server.pipe), server.limits, server.pipe)
+        spec = await asyncio.to_thread(server.checked, spec_from_job_request(body, server.pipe))
         job = await asyncio.to_thread(server.submit, spec, _client(request))
         return JSONResponse({"id": job.id, "status": job.status, "url": f"/ldm/v1/jobs/{job.id}"}, 202)
 

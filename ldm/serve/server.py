@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ldm.checkpoints.library import open_library
 from ldm.pipeline import load_pipeline
 from ldm.pipeline.png_info import GenerationInfo
 from ldm.samplers import SAMPLERS
 from ldm.serve.jobs import ACTIVE, Job, JobQueue, QueueFull
-from ldm.serve.spec import JobSpec, Limits
+from ldm.serve.models import ModelPool
+from ldm.serve.spec import FieldError, JobSpec, Limits, check
 from ldm.serve.store import ImageStore, image_id
 from ldm.serve.worker import Worker
 
@@ -41,6 +43,7 @@ class ServeSettings:
     devices: tuple[str | None, ...] = (None,)   # one worker per device; None: the pipeline's default (CPU)
     dtype: str | None = None
     vae: str | None = None             # a VAE swapped into every pipeline (Pipeline.load_vae)
+    models_dir: str | None = None      # the models folder clients pick models from (None: $LDM_MODELS_DIR)
 
 
 class Server:
@@ -53,11 +56,14 @@ class Server:
         self.queue = JobQueue(data, settings.max_queue)
         self.store = ImageStore(data)
         self.recovered = self.queue.recover()
-        pipes = pipes or [load_pipeline(settings.model, device=d, dtype=settings.dtype) for d in settings.devices]
+        library = open_library(settings.models_dir)
+        pipes = pipes or [load_pipeline(settings.model, device=d, dtype=settings.dtype, models_dir=library)
+                          for d in settings.devices]
         if settings.vae:
             pipes = [p.load_vae(settings.vae) for p in pipes]
-        self.pipe = pipes[0]  # checks requests (pipe.request reads configs only; no model runs on the loop)
-        self.workers = [Worker(p, self.queue, self.store, self.notify, str(p.device)) for p in pipes]
+        self.pipe = pipes[0]  # the startup model's defaults fill requests (pipe.request reads configs only)
+        self.models = ModelPool(settings, pipes, library)   # the models a job may name (ldm.serve.models)
+        self.workers = [Worker(p, self.queue, self.store, self.notify, str(p.device), self.models) for p in pipes]
         self.options: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: dict[str, asyncio.Event] = {}
@@ -76,6 +82,18 @@ class Server:
                 worker.join(timeout=5)
 
     # ------------------------------------------------------------------ jobs
+    def checked(self, spec: JobSpec) -> JobSpec:
+        """``spec`` with its model resolved (the one it asks for, else the current one: a library name, or None for
+        the startup model) and checked against that model, which is loaded now if it is not yet (blocking: call
+        it off the event loop). A model that cannot be named or loaded is a FieldError."""
+        field = spec.field_name("model")
+        model = self.models.current if spec.model is None else self.models.name_for(spec.model, field)
+        try:
+            pipe = self.models.get(model, self.pipe)
+        except (ValueError, OSError) as e:
+            raise FieldError(field, f"{field} {spec.model!r} cannot be loaded: {' '.join(str(e).split())}") from None
+        return check(dataclasses.replace(spec, model=model), self.limits, pipe)
+
     def submit(self, spec: JobSpec, client: str, inputs: tuple | None = None) -> Job:
         """Queue a checked spec (its img2img inputs stored first); QueueFull if the queue is full."""
         if inputs is not None:
@@ -164,14 +182,8 @@ class Server:
         return [self.store.info(job.id, i) for i in range(job.images)]
 
     def model_card(self) -> dict[str, Any]:
-        """The served model as A1111's ``/sd-models`` lists one."""
-        source = self.pipe.source
-        name = Path(source).stem if source is not None else "ldm-default"
-        if source is not None and Path(source).name == "default":
-            name = "ldm-default"
-        digest = self.pipe.model_hash
-        return {"title": f"{name} [{digest}]" if digest else name, "model_name": name, "hash": digest,
-                "sha256": None, "filename": str(source) if source else None, "config": None}
+        """The model new requests get, as A1111's ``/sd-models`` lists one (``ModelPool.card``)."""
+        return self.models.card(self.models.current)
 
     def info(self) -> dict[str, Any]:
         """``GET /ldm/v1/info``: what the web page needs to draw its form."""

@@ -60,6 +60,8 @@ class JobSpec:
     mode: str = "txt2img"
     strength: float | None = None  # img2img / inpaint denoising strength
     api: str = "ldm"      # "ldm" or "a1111": which API the client spoke (decides the response shape)
+    model: str | None = None   # the library checkpoint drawn with (None: the server's startup model); as asked
+                               # for until Server.checked resolves it
     names: dict[str, str] = field(default_factory=dict)  # ldm option -> the request's field name
 
     @property
@@ -122,7 +124,7 @@ def spec_from_job_request(body: Any, pipe) -> JobSpec:
     if not isinstance(body, dict):
         raise FieldError("body", f"the request body must be a JSON object, got {type(body).__name__}")
     record = dict(body)
-    num = record.pop("num", 1)
+    num, model = record.pop("num", 1), record.pop("model", None)   # model: a --models-dir name (Server.checked)
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise FieldError("num", f"num must be an integer >= 1, got {json.dumps(num)}")
     parsed = parse_prompts((json.dumps(record) + "\n").encode("utf-8"), "request", "jsonl")
@@ -135,7 +137,8 @@ def spec_from_job_request(body: Any, pipe) -> JobSpec:
         seed=options["seed"] if "seed" in options else random_seed(),
         steps=options.get("steps"), guidance=options.get("guidance"),
         sampler=options.get("sampler", pipe.defaults.get("sampler", "dpmpp_2m")),
-        width=options.get("width"), height=options.get("height"), batch_size=num, names={"batch_size": "num"})
+        width=options.get("width"), height=options.get("height"), batch_size=num, names={"batch_size": "num"},
+        model=model)
 
 
 def _first_key(message: str, record: dict[str, Any]) -> str:

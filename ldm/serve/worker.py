@@ -61,9 +61,11 @@ class Progress:
 
 
 class Worker(threading.Thread):
-    def __init__(self, pipe, queue: JobQueue, store: ImageStore, notify: Callable[[str], None], name: str = "cpu"):
+    def __init__(self, pipe, queue: JobQueue, store: ImageStore, notify: Callable[[str], None], name: str = "cpu",
+                 models=None):
         super().__init__(name=f"ldm-worker-{name}", daemon=True)
         self.pipe, self.queue, self.store, self.notify = pipe, queue, store, notify
+        self.home, self.models = pipe, models   # the device's startup pipeline; the ModelPool a job's model comes from
         self.progress = Progress()
         self._wake = threading.Event()
         self._halt = threading.Event()   # (not _stop: threading.Thread has a _stop method, which join() calls)
@@ -101,6 +103,7 @@ class Worker(threading.Thread):
         done = self.store.finished(job.id)
         self.progress = Progress(job.id, 0, spec.steps or 0, 0, spec.n_iter, time.monotonic())
         try:
+            self.pipe = self.home if self.models is None else self.models.get(spec.model, self.home)
             for it in range(spec.n_iter):
                 self.progress.iteration, self.progress.step = it, 0
                 indices = range(it * spec.batch_size, (it + 1) * spec.batch_size)
