@@ -79,6 +79,7 @@ class BatchOptions:
     dtype: str | None = None
     vae_tiling: bool = False
     vae: str | None = None           # a VAE to swap in (Pipeline.load_vae)
+    models_dir: str | None = None    # a models folder: names for model, vae, <lora:NAME> (None: $LDM_MODELS_DIR)
 
 
 # ---------------------------------------------------------------------- the plan
@@ -250,7 +251,8 @@ def run_batch(options: BatchOptions) -> int:
     pipe = load_pipeline(options.model, device=device, dtype=options.dtype,  # one GPU per process
                          emphasis=not getattr(options, "no_emphasis", False),
                          lora_dir=getattr(options, "lora_dir", None), lora_strict=getattr(options, "strict", True),
-                         embeddings_dir=getattr(options, "embeddings_dir", None))
+                         embeddings_dir=getattr(options, "embeddings_dir", None),
+                         models_dir=options.models_dir)
     if options.vae:
         pipe.load_vae(options.vae)
     if options.vae_tiling:

@@ -1,4 +1,4 @@
-"""The ``ldm`` command line: ``ldm generate | batch | train | serve | convert | info | visualize``.
+"""The ``ldm`` command line: ``ldm generate | batch | train | serve | convert | info | models | visualize``.
 
 Commands are a registry (``COMMANDS``): each names a function that adds its arguments to an argparse parser and
 a function that runs the parsed arguments, one module a command (``ldm/cli/generate.py``, ...). Only the chosen
@@ -47,10 +47,19 @@ COMMANDS = [
             "ldm.cli.models:convert_arguments", "ldm.cli.models:convert"),
     Command("info", "describe a checkpoint, or print the settings stored in an image",
             "ldm.cli.models:info_arguments", "ldm.cli.models:info"),
+    Command("models", "list a models folder's checkpoints, LoRAs, VAEs, ControlNets and embeddings",
+            "ldm.cli.library:add_arguments", "ldm.cli.library:run"),
     Command("visualize", "draw the forward/reverse diffusion figure",
             "ldm.cli.visualize:visualize_arguments", "ldm.cli.visualize:visualize"),
 ]
 USAGE_ERRORS = (ValueError, OSError, ImportError)  # CheckpointError and bad-input errors are ValueErrors
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help a little wider on the left, so "-o FILE, --output FILE" and "--strict, --no-strict" share their line."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=27)
 
 
 class Parser(argparse.ArgumentParser):
@@ -67,7 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"ldm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for command in COMMANDS:
-        sub = commands.add_parser(command.name, help=command.summary, description=command.summary)
+        sub = commands.add_parser(command.name, help=command.summary, description=command.summary,
+                                  formatter_class=_HelpFormatter)
         if command is chosen:
             _resolve(command.add_arguments, command.name)(sub)
     args = parser.parse_args(argv)

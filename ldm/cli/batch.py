@@ -39,4 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_batch(BatchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BatchOptions)}))
+    options = BatchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BatchOptions)})
+    for name in ("lora_dir", "embeddings_dir", "no_emphasis", "strict"):   # the prompt flags, read by run_batch
+        setattr(options, name, getattr(args, name))
+    return run_batch(options)

@@ -65,9 +65,10 @@ def generate(args) -> int:
         get_sampler(args.sampler)  # unknown names fail here, before the model loads
     outputs = _output_paths(args)
     for model, image, *_ in args.control or ():   # control files and images, before the model loads
+        from ldm.checkpoints.library import open_library, resolve_file
         from ldm.pipeline.images import load_image
 
-        if not Path(model).exists():
+        if not resolve_file("controlnet", model, open_library(args.models_dir)).exists():
             raise UsageError(f"--control: {model} does not exist")
         load_image(image, "--control image")
     if args.image:  # check the inputs before the model loads

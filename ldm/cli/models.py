@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 from ldm import assets
-from ldm.cli.options import UsageError, add_model_arguments, pipeline_from
+from ldm.cli.options import UsageError, add_model_arguments, add_models_dir_argument, pipeline_from
 
 
 def info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", help="checkpoint file, model folder, or PNG (default: --model)")
     p.add_argument("--model", metavar="PATH", help="same as PATH (default: the shipped model)")
     p.add_argument("--hash", action="store_true", help="also print the weights' short sha256")
+    add_models_dir_argument(p)
 
 
 def info(args) -> int:
@@ -20,7 +21,7 @@ def info(args) -> int:
 
     path = Path(args.path or args.model or _default_model_path())
     if not path.exists():
-        raise UsageError(f"{str(path)!r} does not exist")
+        path = _named_model(str(path), args.models_dir, f"{str(path)!r} does not exist")
     if path.is_file() and path.suffix.lower() == ".png":
         recorded = read_png_info(path)
         print(recorded.to_parameters())
@@ -35,6 +36,16 @@ def info(args) -> int:
 
 def _default_model_path() -> Path:
     return assets.DEFAULT_MODEL
+
+
+def _named_model(name: str, models_dir, missing: str) -> Path:
+    """A library checkpoint or a cached Hugging Face repo id (``ldm.checkpoints.library``); ``missing`` otherwise."""
+    from ldm.checkpoints.library import is_repo_id, open_library, resolve_model
+
+    library = open_library(models_dir)
+    if library is None and not is_repo_id(name):
+        raise UsageError(missing)
+    return resolve_model(name, library)
 
 
 # ---------------------------------------------------------------------- ldm convert
@@ -53,7 +64,7 @@ def convert(args) -> int:
     src = Path(args.paths[0]) if len(args.paths) == 2 else Path(args.model or _default_model_path())
     dst = Path(args.paths[-1])
     if not src.exists():
-        raise UsageError(f"source {str(src)!r} does not exist")
+        src = _named_model(str(src), args.models_dir, f"source {str(src)!r} does not exist")
     if dst.exists() and not args.overwrite and (dst.is_file() or any(dst.iterdir())):
         raise UsageError(f"{str(dst)!r} exists; pass --overwrite to replace it")
     from ldm.checkpoints import save_diffusers, save_single_file

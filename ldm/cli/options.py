@@ -11,13 +11,18 @@ class UsageError(Exception):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
-    parser.add_argument("--model", metavar="PATH", help="model file or folder (default: the shipped model)")
+    parser.add_argument("--model", metavar="PATH", help="file, folder, library name or HF repo ORG/NAME")
+    add_models_dir_argument(parser)
     parser.add_argument("--device", metavar="D", help="cpu (default), cuda, cuda:N, mps")
     if dtype:
         # "auto" is how to turn speed on (README): bf16 on CPUs with AMX or AVX-512 BF16, fp16 on CUDA
         parser.add_argument("--dtype", metavar="T", help="auto (fast: bf16 CPU, fp16 CUDA), float32 (default)")
     parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default=None, metavar="B",
                         help="auto (OpenVINO if installed), torch, openvino")
+
+
+def add_models_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", metavar="DIR", help="A1111/ComfyUI/ldm models folder ($LDM_MODELS_DIR)")
 
 
 def add_vae_argument(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +52,8 @@ def pipeline_from(args, **kwargs):
     from ldm.pipeline import load_pipeline  # only the commands that draw pay for importing torch
 
     pipe = load_pipeline(args.model, device=args.device, dtype=getattr(args, "dtype", None),
-                         backend=getattr(args, "backend", None), **prompt_options(args), **kwargs)
+                         backend=getattr(args, "backend", None), models_dir=getattr(args, "models_dir", None),
+                         **prompt_options(args), **kwargs)
     return pipe.load_vae(args.vae) if getattr(args, "vae", None) else pipe
 
 

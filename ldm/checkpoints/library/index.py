@@ -242,7 +242,9 @@ class Library:
         if entry is not None:
             return entry
         names = [e.name for e in self.of(kind)]
-        near = difflib.get_close_matches(str(text), names, n=3, cutoff=0.5)
+        by_stem = {e.path.stem: e.name for e in self.of(kind)}
+        near = [by_stem.get(n, n) for n in difflib.get_close_matches(str(text), [*by_stem, *names], n=3, cutoff=0.5)]
+        near = list(dict.fromkeys(near))
         where = ", ".join(str(f) for f in self.folders(kind)) or f"no {kind} folder under {self.root}"
         hint = f"; did you mean {', '.join(map(repr, near))}?" if near else (
             f"; it has {', '.join(map(repr, names[:8]))}" if names else "")
