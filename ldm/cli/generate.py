@@ -149,12 +149,14 @@ def _fill_from_png(args, recorded) -> None:
     if args.strength is None and recorded.extra.get("strength") is not None:
         args.strength = float(recorded.extra["strength"])
     if args.model is None:
-        args.model = _recorded_model(args.from_png, recorded)
+        args.model = _recorded_model(args.from_png, recorded, args.models_dir)
 
 
-def _recorded_model(png: str, recorded) -> str | None:
+def _recorded_model(png: str, recorded, models_dir=None) -> str | None:
     """The model a PNG names, when it can be found without ``--model``: the shipped default (by its hash or
-    name), or a path that exists (PNGs from ldm before 0.2 stored one). Anything else needs ``--model``."""
+    name), a path that exists (PNGs from ldm before 0.2 stored one), or the models folder's checkpoint with that
+    short hash, else that name. Anything else needs ``--model``."""
+    from ldm.checkpoints.library import open_library
     from ldm.pipeline.png_info import weights_hash
 
     if recorded.model is None and recorded.model_hash is None:
@@ -164,6 +166,11 @@ def _recorded_model(png: str, recorded) -> str | None:
         return None
     if recorded.model and Path(recorded.model).exists():
         return recorded.model
+    library = open_library(models_dir)
+    for key in (recorded.model_hash, recorded.model) if library is not None else ():
+        entry = library.lookup("checkpoint", key) if key else None
+        if entry is not None:
+            return str(entry.path)
     hash_note = f" (hash {recorded.model_hash})" if recorded.model_hash else ""
     raise UsageError(f"{png} was made with model {recorded.model or 'unnamed'!r}{hash_note}, not the shipped "
                      "default; pass --model PATH to that model")

@@ -101,3 +101,12 @@ def test_a_repo_id_from_the_hugging_face_cache(sd1_folder, tmp_path, capsys, mon
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(expected))
     status, _, err = run(capsys, "generate", "x", "--model", "org/missing")
     assert status == 2 and str(tmp_path / "hub" / "models--org--missing") in err and len(err.splitlines()) == 1
+
+
+def test_from_png_finds_the_model_in_the_library_by_its_hash(models_dir, tmp_path, capsys):
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    assert run(capsys, "generate", "a blue square", "--models-dir", models_dir, "--model", "tiny-diffusers",
+               "--seed", "3", "-o", first, "-q", *FLAGS)[0] == 0
+    status, _, err = run(capsys, "generate", "--from-png", first, "--models-dir", models_dir, "-o", again, "-q")
+    assert status == 0, err
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
