@@ -40,6 +40,8 @@ CONTROL_DEFAULTS = {
 COPIED = ("conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
 # U-Net config keys a ControlNet config never has (it has no decoder half); filled from the encoder's.
 _DECODER_KEYS = ("up_block_types", "out_channels")
+# U-Net config keys diffusers' ControlNetModel does not take (time_cond_proj_dim: LCM's, which has no ControlNet)
+_NOT_CONTROLNET = ("sample_size", "dropout", "time_cond_proj_dim")
 
 
 @dataclass
@@ -70,7 +72,7 @@ class ControlNetConfig:
 
     def to_dict(self) -> dict:
         """A diffusers config dict: ControlNetModel(**d) builds the same architecture."""
-        d = {k: v for k, v in self.unet.to_dict().items() if k not in (*_DECODER_KEYS, "sample_size", "dropout")}
+        d = {k: v for k, v in self.unet.to_dict().items() if k not in (*_DECODER_KEYS, *_NOT_CONTROLNET)}
         for key in CONTROL_DEFAULTS:
             value = getattr(self, key)
             d[key] = list(value) if isinstance(value, tuple) else value

@@ -115,3 +115,19 @@ def test_control_images_from_the_data_or_canny(base, tmp_path):
         Trainer(load_config(None, _overrides(paired, model, tmp_path / "bad")))
     with pytest.raises(ConfigError, match="needs init=MODEL"):
         load_config(None, ["stage=controlnet"])
+
+
+def test_from_unet_copies_as_diffusers_does(sd1_folder):
+    """ldm's ControlNet.from_unet and diffusers' ControlNetModel.from_unet agree on every tensor but the hint
+    embedding's randomly initialised convs (their last conv is zero in both)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from ldm import Pipeline
+    from ldm.models.controlnet import ControlNet
+
+    ours = ControlNet.from_unet(Pipeline.from_pretrained(sd1_folder).unet, latent_factor=2).state_dict()
+    theirs = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(sd1_folder / "unet"),
+                                       conditioning_embedding_out_channels=(16, 32)).state_dict()
+    assert ours.keys() == theirs.keys()
+    random_init = ("controlnet_cond_embedding.conv_in.", "controlnet_cond_embedding.blocks.")
+    assert all(torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in ours if not k.startswith(random_init))
