@@ -18,6 +18,8 @@ What lives here, one concept a module:
   lora         LoRA adapters: the layers, ldm's file format, applying and removing them
   control      ControlNet / T2I-Adapter files (kind, layout and config from the keys; tables in control_keys);
                ip_adapter: IP-Adapter files and their CLIP image encoders
+  library/     names instead of paths: Hugging Face repo ids from the local cache, A1111 / ComfyUI / ldm models
+               folders (by name, title or short hash), A1111's hashes and their cache
 
 Imports: ``ldm.models``, the diffusion math and ``ldm.files``; never ``pipeline``, ``train``, ``batch`` or ``cli``.
 """

@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
-    folders = sorted({str(f) for kind in ([args.kind] if args.kind else KIND_CHOICES) for f in library.folders(kind)})
-    print(f"\n{len(entries)} entries in {', '.join(folders) or f'{library.root} (no model folders found)'}")
+    folders = sorted({f.relative_to(library.root).as_posix() for kind in ([args.kind] if args.kind else KIND_CHOICES)
+                      for f in library.folders(kind)})
+    print(f"\n{len(entries)} entries in {library.root}: {', '.join(folders) or 'no model folders found'}")
     if missing:
         print(f"{missing} hashes not computed yet: ldm models --hash")
     return 0

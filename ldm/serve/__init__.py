@@ -8,6 +8,8 @@
   store      the image files: atomic PNG writes and a crash-safe manifest per job (batch's machinery)
   worker     one generation thread per device; resumes a killed job with byte-identical images
   server     the service without HTTP: pipelines, queue, store, workers, waking waiting requests
+  models     the models a job may name (--models-dir), loaded once and kept while memory allows; A1111's listings
+  model_routes  A1111's model routes: sd-models, loras, sd-vae, embeddings, refresh-*, options (model switch)
   app        the FastAPI routes, errors, the --api-key check, the page's files
   static/    index.html, app.js, style.css: plain files, no build step, nothing from a CDN
 
