@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest width or height a request may ask for (default 1024)")
     parser.add_argument("--max-steps", type=positive_int, default=150, metavar="N",
                         help="most sampler steps a request may ask for (default 150)")
+    parser.add_argument("--control-dir", metavar="DIR",
+                        help="folder of ControlNet / T2I-Adapter files that A1111 ControlNet units name (by stem)")
     parser.epilog = "--device takes a comma-separated list (cuda:0,cuda:1): one worker per device."
 
 
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(model=args.model, host=args.host, port=args.port, data=args.data,
                              api_key=args.api_key, max_queue=args.max_queue, max_size=args.max_size,
                              max_steps=args.max_steps, devices=devices, dtype=args.dtype, vae=args.vae,
+                             control_dir=args.control_dir,
                              models_dir=args.models_dir)
     server = Server(settings)
     again = f", {server.recovered} unfinished jobs resumed" if server.recovered else ""

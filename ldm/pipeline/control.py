@@ -43,6 +43,7 @@ from ldm.models.conv import pack_for_inference
 from ldm.models.ip_adapter import IPState, install, uninstall
 from ldm.models.t2i_adapter import T2IAdapter
 from ldm.pipeline import images as img
+from ldm.pipeline.preprocess import check_preprocessing, preprocessor_info, source_image
 
 MASKED = -1.0   # a control image's value for "no information here" (the inpainting ControlNet's masked pixels)
 HINT, FEATURE, STEP, UNCOND = "control_hint_", "control_feature_", "control_step", "control_uncond"
@@ -90,7 +91,11 @@ class Control:
     ``mode``: A1111's control mode: "balanced" (default), "prompt" (My prompt is more important: the residuals
     weighted down toward the shallow levels), "control" (ControlNet is more important: those weights, and the
     unconditional branch of classifier-free guidance gets no control). ``guess``: diffusers' guess mode for a
-    ControlNet (residuals weighted 0.1 .. 1 from shallow to deep, the unconditional branch without control)."""
+    ControlNet (residuals weighted 0.1 .. 1 from shallow to deep, the unconditional branch without control).
+    ``module``: a preprocessor that makes the control image from ``image`` (A1111's names: "none", "canny";
+    ``ldm.pipeline.preprocess``), run at short side ``processor_res`` (None: the request's own pixels) with its
+    ``threshold_a``/``threshold_b`` (canny: low/high; None: 100/200); ``resize_mode``: A1111's "Just Resize"
+    (default), "Crop and Resize" or "Resize and Fill" (or 0/1/2). All of these are recorded in the PNG."""
 
     model: Any
     image: Any
@@ -99,6 +104,11 @@ class Control:
     end: float = 1.0
     mode: str = "balanced"
     guess: bool = False
+    module: str = "none"
+    resize_mode: str = "Just Resize"
+    processor_res: int | None = None
+    threshold_a: float | None = None
+    threshold_b: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "model", _as_model(self.model))
@@ -121,6 +131,7 @@ class Control:
             raise ValueError(f"Control.guess must be True or False, got {self.guess!r}")
         if self.guess and self.model.kind != CONTROLNET:
             raise ValueError("Control.guess applies to ControlNets only")
+        check_preprocessing(self)
 
     def active(self, step: int, steps: int) -> bool:
         """Whether the unit acts at step ``step`` of ``steps`` (diffusers' control_guidance_start/end rule)."""
@@ -352,7 +363,8 @@ def controlling(pipe, control, req, sigmas: torch.Tensor):
                 extra[f"{IP_TOKENS}{i}"] = pos.expand(req.batch, -1, -1)
                 extra[f"{IP_NEGATIVE}{i}"] = neg.expand(req.batch, -1, -1)
                 continue
-            hint = prepare_image(c.image, req.height, req.width, _channels(c.model)).to(pipe.device, pipe.dtype)
+            hint = prepare_image(source_image(c, req.width, req.height), req.height, req.width, _channels(c.model))
+            hint = hint.to(pipe.device, pipe.dtype)
             if c.model.kind == CONTROLNET:
                 extra[f"{HINT}{i}"] = hint.expand(req.batch, -1, -1, -1)
                 continue
@@ -384,14 +396,16 @@ MODE_LABELS = {"balanced": "Balanced", "prompt": "My prompt is more important",
 
 def control_info(control) -> dict[str, str]:
     """The units of a request as sd-webui-controlnet records them in A1111's infotext: ``ControlNet i`` ->
-    "Module: none, Model: NAME, Weight: ..., Guidance Start: ..., Guidance End: ..., Control Mode: ..." (ldm runs
-    no preprocessor: the image given is the control image, A1111's module "none")."""
+    "Module: canny, Model: NAME, Weight: ..., Resize Mode: ..., [Processor Res: ..., Threshold A: ..., Threshold
+    B: ...,] Guidance Start: ..., Guidance End: ..., Control Mode: ..." (module "none": the image given was the
+    control image)."""
     info = {}
     for i, c in enumerate(as_controls(control)):
-        module = "ip-adapter" if c.model.kind == IP_ADAPTER else "none"
+        module = "ip-adapter" if c.model.kind == IP_ADAPTER and c.module == "none" else c.module
         info[f"ControlNet {i}"] = (f"Module: {module}, Model: {c.model.name or c.model.kind}, Weight: {c.scale}, "
-                                   f"Resize Mode: Just Resize, Guidance Start: {c.start}, Guidance End: {c.end}, "
-                                   f"Control Mode: {MODE_LABELS[c.mode]}" + (", Guess Mode: True" if c.guess else ""))
+                                   f"Resize Mode: {c.resize_mode}, {preprocessor_info(c)}Guidance Start: {c.start}, "
+                                   f"Guidance End: {c.end}, Control Mode: {MODE_LABELS[c.mode]}"
+                                   + (", Guess Mode: True" if c.guess else ""))
     return info
 
 

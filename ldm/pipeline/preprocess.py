@@ -10,7 +10,8 @@ module does around it (scripts/preprocessor/legacy/processor.py: ``resize_image_
 so that its short side is the processor resolution (cubic up, area down), padded to a multiple of 64 by
 repeating its edge pixels, detected, and cropped back. ``MODULES`` lists the modules by their A1111 names, with
 their sliders as the extension's ``/controlnet/module_list`` describes them; "none" passes the image through
-(bring your own control image).
+(bring your own control image). ``control_image`` is what a ``Control`` with a ``module`` runs: the image fitted
+to the request's aspect by A1111's resize mode, then the module at its processor resolution.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from PIL import Image
 CANNY_LOW, CANNY_HIGH = 100, 200
 RESOLUTION = 512          # its default "Resolution" slider: the short side the image is detected at
 PAD = 64                  # resize_image_with_pad pads to a multiple of 64
+# sd-webui-controlnet's ResizeMode (scripts/enums.py): its API sends the label or the index
+RESIZE_MODES = {"Just Resize": "Just Resize", "Crop and Resize": "Crop and Resize",
+                "Resize and Fill": "Resize and Fill",
+                "Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shrink to Fit)": "Resize and Fill",
+                "Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill",
+                0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
 
 
 def _cv2():
@@ -118,3 +125,113 @@ def preprocess(name: str, image: Image.Image, resolution: int | None = None, thr
     and return the image at it (sd-webui-controlnet's processor_res; None: at the image's own size);
     ``threshold_a/b``: the module's sliders (canny: low, high)."""
     return get_module(name)(image, resolution, threshold_a, threshold_b)
+
+
+def resize_mode(value) -> str:
+    """A1111's resize mode (label, alias or index) -> its label; anything else is a ValueError listing them."""
+    mode = RESIZE_MODES.get(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if mode is None:
+        raise ValueError(f"resize mode must be 'Just Resize' (0), 'Crop and Resize' (1) or 'Resize and Fill' (2), "
+                         f"got {value!r}")
+    return mode
+
+
+def fit(image: Image.Image, mode: str, width: int, height: int) -> Image.Image:
+    """The image at (width, height) by A1111's resize mode (sd-webui-controlnet's ``detectmap_proc``): "Just
+    Resize" stretches it; "Crop and Resize" scales it to cover and crops the middle; "Resize and Fill" scales it
+    to fit inside and fills the rest with the median of its border pixels. Lanczos throughout."""
+    mode = resize_mode(mode)
+    image = image.convert("RGB")
+    if mode == "Just Resize" or image.size == (width, height):
+        return image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
+    k = (max if mode == "Crop and Resize" else min)(width / image.width, height / image.height)
+    w, h = max(1, int(round(image.width * k))), max(1, int(round(image.height * k)))
+    scaled = image.resize((w, h), Image.Resampling.LANCZOS)
+    if mode == "Crop and Resize":
+        left, top = max(0, (w - width) // 2), max(0, (h - height) // 2)
+        return scaled.crop((left, top, left + width, top + height))
+    a = np.asarray(image)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    canvas = Image.new("RGB", (width, height), tuple(int(v) for v in np.median(border, axis=0)))
+    canvas.paste(scaled, ((width - w) // 2, (height - h) // 2))
+    return canvas
+
+
+def control_image(image: Image.Image, module: str, width: int, height: int, mode: str = "Just Resize",
+                  resolution: int | None = None, threshold_a: float | None = None,
+                  threshold_b: float | None = None) -> Image.Image:
+    """A photo -> the control image of a request of (width, height), in sd-webui-controlnet's order: ``module``
+    run on the photo at short side ``resolution`` (None: A1111's "pixel perfect", the scale the photo is drawn
+    at), then the detected map fitted to (width, height) by the resize ``mode``."""
+    mode = resize_mode(mode)
+    module = get_module(module)
+    if module.name != "none":
+        if resolution is None:
+            k = (min if mode == "Resize and Fill" else max)(width / image.width, height / image.height)
+            resolution = max(1, int(round(min(image.width, image.height) * k)))
+        image = _at_resolution(image, resolution, lambda im: module.run(im, threshold_a, threshold_b))
+    return fit(image, mode, width, height)
+
+
+# ---------------------------------------------------------------------- a Control's preprocessing fields
+def _optional_number(control, name: str, integer: bool = False):
+    value = getattr(control, name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (integer and value != int(value)):
+        raise ValueError(f"Control.{name} must be {'an integer' if integer else 'a finite number'} or None, "
+                         f"got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_preprocessing(control) -> None:
+    """Check (and normalise, on the frozen dataclass) a Control's module, resize_mode, processor_res and
+    thresholds. An IP-Adapter's image goes to its own image encoder: its module is only a label
+    (sd-webui-controlnet's "ip-adapter_clip_*")."""
+    def put(name, value):
+        object.__setattr__(control, name, value)
+
+    if not isinstance(control.module, str):
+        raise ValueError(f"Control.module must be a preprocessor name, got {control.module!r}")
+    if control.model.kind == "IP-Adapter":
+        put("module", control.module.strip() or "none")
+    else:
+        try:
+            put("module", get_module(control.module).name)
+        except ValueError as e:
+            raise ValueError(f"Control.module: {e}") from None
+    try:
+        put("resize_mode", resize_mode(control.resize_mode))
+    except ValueError as e:
+        raise ValueError(f"Control.resize_mode: {e}") from None
+    put("processor_res", _optional_number(control, "processor_res", integer=True))
+    if control.processor_res is not None and not 64 <= control.processor_res <= 4096:
+        raise ValueError(f"Control.processor_res must be in [64, 4096], got {control.processor_res}")
+    for name in ("threshold_a", "threshold_b"):
+        put(name, _optional_number(control, name))
+
+
+def preprocessor_info(control) -> str:
+    """The infotext fields of a unit's preprocessor ("Processor Res: 512, Threshold A: 100, ..., "), A1111's
+    names; empty for the module "none"."""
+    if control.module not in MODULES or control.module == "none":
+        return ""
+    module = MODULES[control.module]
+    defaults = [s["value"] for s in module.sliders[1:3]] + [None, None]
+    res = -1 if control.processor_res is None else control.processor_res   # -1: the request's pixels
+    a = defaults[0] if control.threshold_a is None else control.threshold_a
+    b = defaults[1] if control.threshold_b is None else control.threshold_b
+    return f"Processor Res: {res}, " + "".join(f"Threshold {k}: {float(v)}, " for k, v in (("A", a), ("B", b))
+                                               if v is not None)
+
+
+def source_image(control, width: int, height: int):
+    """The image a ControlNet / T2I-Adapter unit hands the network: its own image when it needs no preprocessing
+    (the module "none", "Just Resize"), else ``control_image`` of it."""
+    if control.module == "none" and control.resize_mode == "Just Resize":
+        return control.image
+    from ldm.pipeline.images import load_image
+
+    return control_image(load_image(control.image, "control image"), control.module, width, height,
+                         control.resize_mode, control.processor_res, control.threshold_a, control.threshold_b)

@@ -33,7 +33,8 @@ from ldm.serve.spec import FieldError, JobSpec, random_seed
 NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "num": "batch_size", "strength": "denoising_strength",
          "spacing": "scheduler", "model": "override_settings.sd_model_checkpoint"}
 # Fields that change the image in ways ldm does not reproduce: refused when "on" (truthy).
-UNSUPPORTED = ("enable_hr", "restore_faces", "tiling", "subseed_strength", "alwayson_scripts", "script_name")
+UNSUPPORTED = ("enable_hr", "restore_faces", "tiling", "subseed_strength", "script_name")   # alwayson_scripts:
+# only ControlNet's (ldm.serve.controlnet refuses the others)
 # A1111's scheduler names (modules/sd_schedulers.py) where they are not ldm's spacing names.
 A1111_SCHEDULER_NAMES = {"ays": "align_your_steps"}
 # A1111 scheduler names and labels, lower case -> ldm spacing (None: the model's own timesteps).

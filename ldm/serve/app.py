@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from ldm.serve import a1111
+from ldm.serve import a1111, controlnet
 from ldm.serve.jobs import QueueFull
 from ldm.serve.model_routes import model_routes
 from ldm.serve.server import Server
@@ -44,6 +44,7 @@ def create_app(server: Server) -> FastAPI:
     _errors(app)
     _auth(app, server.settings.api_key)
     model_routes(app, server, _body)
+    controlnet.controlnet_routes(app, server, _body)
     _a1111_routes(app, server)
     _job_routes(app, server)
 
@@ -111,6 +112,7 @@ def _client(request: Request) -> str:
 def _a1111_routes(app: FastAPI, server: Server) -> None:
     async def generate(request: Request, spec, inputs=None, body=None) -> JSONResponse:
         spec = await asyncio.to_thread(server.checked, spec)     # loads the model it names, once
+        spec, inputs = await controlnet.attach(server, body, spec, inputs)   # the request's ControlNet units
         job = await asyncio.to_thread(server.submit, spec, _client(request), inputs)
         job = await server.wait(job.id)
         if job.status == "failed":

@@ -43,6 +43,7 @@ class ServeSettings:
     devices: tuple[str | None, ...] = (None,)   # one worker per device; None: the pipeline's default (CPU)
     dtype: str | None = None
     vae: str | None = None             # a VAE swapped into every pipeline (Pipeline.load_vae)
+    control_dir: str | None = None     # the ControlNet / T2I-Adapter files units name (ldm.serve.controlnet)
     models_dir: str | None = None      # the models folder clients pick models from (None: $LDM_MODELS_DIR)
 
 

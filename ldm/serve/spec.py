@@ -63,6 +63,7 @@ class JobSpec:
     model: str | None = None   # the library checkpoint drawn with (None: the server's startup model); as asked
                                # for until Server.checked resolves it
     names: dict[str, str] = field(default_factory=dict)  # ldm option -> the request's field name
+    control: list = field(default_factory=list)   # ControlNet units: UnitSpec dicts (ldm.serve.controlnet)
 
     @property
     def count(self) -> int:

@@ -39,18 +39,24 @@ class ImageStore:
         return self.job_folder(job_id) / f"{int(index)}.png"
 
     # ------------------------------------------------------------------ inputs of img2img / inpaint jobs
-    def save_inputs(self, job_id: str, init: Image.Image, mask: Image.Image | None) -> None:
-        """Store the decoded inputs losslessly before the job is queued, so a restart redraws from the same
-        pixels (the worker always reads them back from here, restarted or not)."""
+    def save_inputs(self, job_id: str, init: Image.Image | None, mask: Image.Image | None,
+                    controls: list[Image.Image] = ()) -> None:
+        """Store the decoded inputs (init image, mask, ControlNet unit images) losslessly before the job is
+        queued, so a restart redraws from the same pixels (the worker always reads them back from here)."""
         self.job_folder(job_id)  # checks the id
-        save_png(init, self.root / "inputs" / f"{job_id}-init.png")
-        if mask is not None:
-            save_png(mask, self.root / "inputs" / f"{job_id}-mask.png")
+        parts = {"init": init, "mask": mask, **{f"control{i}": c for i, c in enumerate(controls)}}
+        for part, image in parts.items():
+            if image is not None:
+                save_png(image, self.root / "inputs" / f"{job_id}-{part}.png")
 
     def remove_inputs(self, job_id: str) -> None:
         self.job_folder(job_id)
-        for part in ("init", "mask"):
-            (self.root / "inputs" / f"{job_id}-{part}.png").unlink(missing_ok=True)
+        for path in (self.root / "inputs").glob(f"{job_id}-*.png"):
+            path.unlink(missing_ok=True)
+
+    def control_images(self, job_id: str, count: int) -> list[Image.Image]:
+        self.job_folder(job_id)
+        return [_load(self.root / "inputs" / f"{job_id}-control{i}.png") for i in range(count)]
 
     def inputs(self, job_id: str) -> tuple[Image.Image, Image.Image | None]:
         self.job_folder(job_id)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ldm.pipeline.vae_swap import preview_images
+from ldm.serve import controlnet
 from ldm.serve.jobs import Job, JobQueue
 from ldm.serve.spec import JobSpec
 from ldm.serve.store import ImageStore
@@ -131,6 +132,9 @@ class Worker(threading.Thread):
                    "sampler": spec.sampler, "height": spec.height, "width": spec.width, "seed": seeds,
                    "num_images_per_prompt": spec.batch_size, "eta": spec.eta, "spacing": spec.spacing,
                    "callback": self._on_step, "progress": False}
+        if spec.control:   # ControlNet units; their images are among the job's stored inputs
+            images = self.store.control_images(job.id, len(spec.control))
+            options["control"] = controlnet.controls(self.pipe, spec, images)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a long prompt's warning has nowhere to go; the PNG keeps the text
             if spec.mode == "txt2img":
