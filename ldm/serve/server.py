@@ -204,4 +204,5 @@ def settings_json(spec: JobSpec) -> dict[str, Any]:
     """A job's settings under the job API's names (a prompt-file line's keys and ``num``)."""
     return {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": spec.seed, "steps": spec.steps,
             "guidance": spec.guidance, "sampler": spec.sampler, "width": spec.width, "height": spec.height,
-            "num": spec.count, "spacing": spec.spacing, "mode": spec.mode, "strength": spec.strength}
+            "num": spec.count, "spacing": spec.spacing, "mode": spec.mode, "strength": spec.strength,
+            "model": spec.model}

@@ -67,6 +67,14 @@ def test_webuiapi_lists_switches_and_draws_with_the_library(start_server, models
         cut.unlink()
     assert api.util_get_current_model() == f"sub/tiny.safetensors [{digest}]"
 
+    # ldm's job API names a model the same way; the job's settings say which
+    job = server.client.post("/ldm/v1/jobs", json={"prompt": "x", "steps": 1, "width": 32, "height": 32,
+                                                   "model": "tiny-diffusers.safetensors"})
+    assert job.status_code == 422 and job.json()["detail"][0]["loc"] == ["body", "model"]
+    job = server.client.post("/ldm/v1/jobs", json={"prompt": "x", "steps": 1, "width": 32, "height": 32,
+                                                   "model": "tiny-diffusers"})
+    assert server.wait_job(job.json()["id"])["settings"]["model"] == "tiny-diffusers"
+
 
 def test_a_durable_job_keeps_its_model_across_a_restart(start_server, models_dir, tmp_path):
     from ldm.serve.jobs import JobQueue

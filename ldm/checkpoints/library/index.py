@@ -155,7 +155,7 @@ class Library:
         if not self.root.is_dir():
             raise LibraryError(f"models folder {self.root} does not exist (--models-dir / ${ENV})")
         self.cache = cache or HashCache()
-        self._entries: list[Entry] | None = None
+        self._entries: dict[str, list[Entry]] = {}     # by kind, each scanned when first asked for
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -173,21 +173,23 @@ class Library:
 
     @property
     def entries(self) -> list[Entry]:
-        with self._lock:
-            if self._entries is None:
-                self._entries = [e for kind in KINDS for folder in self.folders(kind) for e in self._scan(kind, folder)]
-            return self._entries
+        """Every entry, kind by kind (``KINDS`` order)."""
+        return [e for kind in KINDS for e in self.of(kind)]
 
     def refresh(self) -> Library:
         """Forget the index (the next use scans the folders again): files added or removed since are seen."""
         with self._lock:
-            self._entries = None
+            self._entries.clear()
         return self
 
     def of(self, kind: str) -> list[Entry]:
+        """The entries of one kind (scanning only that kind's folders, the first time)."""
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; the library holds {', '.join(KINDS)}")
-        return [e for e in self.entries if e.kind == kind]
+        with self._lock:
+            if kind not in self._entries:
+                self._entries[kind] = [e for folder in self.folders(kind) for e in self._scan(kind, folder)]
+            return list(self._entries[kind])
 
     def _scan(self, kind: str, folder: Path) -> list[Entry]:
         entries, marker = [], FOLDER_MARKERS.get(kind)
