@@ -13,6 +13,10 @@ Formats:
 * ``.jsonl`` — one JSON object a line: ``{"prompt": ..., "negative_prompt": ..., "seed": ..., ...}``.
 * ``.csv`` — a header row naming the same keys, then one row per prompt; empty cells are "not given".
 
+Control units (``control``): ``--control MODEL:IMAGE[:WEIGHT[:START[:END]]][:module=canny]`` in a .txt line
+(repeatable), as ``ldm generate --control`` takes them; in .jsonl a spec string, an object ``{"model": ...,
+"image": ..., "weight": ..., "module": ...}`` or a list of them; in .csv a spec string or a JSON list.
+
 Choices (see docs/batch.md): a prompt longer than the text encoder's 75 tokens is kept whole and warned about
 (the encoder reads its first 75 tokens, and the PNG records the full text, so the image can be made again); a
 NUL character is an error (PNG text cannot hold it, and it usually means a UTF-16 file).
@@ -36,7 +40,7 @@ from ldm.samplers import SAMPLERS
 
 FORMATS = ("txt", "jsonl", "csv")
 SUFFIXES = {".txt": "txt", ".prompts": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
-KEYS = ("prompt", "negative_prompt", "seed", "width", "height", "guidance", "steps", "sampler")
+KEYS = ("prompt", "negative_prompt", "seed", "width", "height", "guidance", "steps", "sampler", "control")
 TXT_OPTIONS = {
     "--prompt": "prompt",
     "--n": "negative_prompt", "--negative": "negative_prompt", "--negative_prompt": "negative_prompt",
@@ -46,6 +50,7 @@ TXT_OPTIONS = {
     "--l": "guidance", "--guidance": "guidance", "--cfg_scale": "guidance",
     "--steps": "steps",
     "--sampler": "sampler", "--sampler_name": "sampler",
+    "--control": "control",   # repeatable: one control unit each (ldm.pipeline.control_units)
 }
 # Names other tools use for our keys: suggested when they appear in a .jsonl/.csv file.
 FOREIGN_KEYS = {"negative": "negative_prompt", "cfg_scale": "guidance", "cfg": "guidance", "sampler_name": "sampler",
@@ -202,6 +207,9 @@ def _txt_record(text: str) -> dict[str, Any]:
             value, i = tokens[i + 1], i + 2
         else:
             raise _Invalid(f"option {name} needs a value")
+        if key == "control":
+            record.setdefault(key, []).append(value)
+            continue
         if key in record:
             raise _Invalid(f"{key.replace('_', ' ')} given twice" + (" (text before the options is the prompt)"
                                                                       if key == "prompt" else f" ({name})"))
@@ -291,6 +299,8 @@ class _Checker:
     def _value(self, key: str, value: Any) -> Any:
         if key == "negative_prompt":
             return self._text(value, key)
+        if key == "control":
+            return _control(value)
         if key == "sampler":
             name = self._text(value, key).strip()
             if name not in self.samplers:
@@ -374,3 +384,19 @@ def _number(value: Any, key: str) -> float:
         return float(str(value))
     except ValueError:
         raise _Invalid(f"{key} must be a number, got {value!r}") from None
+
+
+def _control(value: Any) -> tuple[str, ...]:
+    """A line's control units (``ldm.pipeline.control_units``) as canonical JSON strings (hashable: they are part
+    of an image's settings and of the plan a resumed run is compared with)."""
+    from ldm.pipeline.control_units import units_from_value
+
+    if isinstance(value, str) and value.lstrip().startswith("["):   # a CSV cell holding a JSON list
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _Invalid(f"control: invalid JSON list: {e.msg} at column {e.colno}") from None
+    try:
+        return tuple(json.dumps(u.to_dict(), sort_keys=True) for u in units_from_value(value))
+    except ValueError as e:
+        raise _Invalid(str(e)) from None

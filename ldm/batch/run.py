@@ -39,6 +39,7 @@ from ldm.batch import manifest as mf
 from ldm.batch.prompt_file import PromptFile, long_prompts, read_prompt_file
 from ldm.files import check_writable, remove_temporaries, write_atomic
 from ldm.pipeline import load_pipeline
+from ldm.pipeline.control_units import line_controls
 from ldm.pipeline.png_info import JSON_KEY, PARAMETERS_KEY
 from ldm.pipeline.vae_swap import vae_metadata
 from ldm.samplers import get_sampler
@@ -98,6 +99,7 @@ class Item:
     height: int
     width: int
     file: str
+    control: tuple[str, ...] = ()   # the line's control units, canonical JSON (ldm.batch.prompt_file)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -106,7 +108,7 @@ class Item:
     @property
     def settings(self) -> tuple:
         """Items with equal settings can share a forward pass."""
-        return self.steps, self.guidance, self.sampler, self.height, self.width
+        return self.steps, self.guidance, self.sampler, self.height, self.width, self.control
 
 
 @dataclass
@@ -161,9 +163,16 @@ def make_plan(prompts: PromptFile, options: BatchOptions, pipe) -> Plan:
         if first + options.num > 2**64:
             raise BatchError(f"{prompts.source}:{entry.line}: seed {first} + {options.num} images passes 2**64")
         negative = o.get("negative_prompt", options.negative)
+        control = o.get("control", ())
+        if control:   # the models load (once) and are checked now: a bad unit stops the run before any image
+            try:
+                line_controls(pipe, control)
+            except ValueError as e:
+                raise BatchError(f"{prompts.source}:{entry.line}: {e}") from None
         for k in range(options.num):
             items.append(Item(entry.line, k, entry.prompt, negative, first + k, req.steps, req.guidance,
-                              req.sampler, req.height, req.width, file_name(entry.line, entry.prompt, first + k)))
+                              req.sampler, req.height, req.width, file_name(entry.line, entry.prompt, first + k),
+                              control))
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(item.settings, []).append(i)
@@ -180,7 +189,10 @@ def _plan_record(prompts: PromptFile, options: BatchOptions, pipe, items: list[I
         settings["vae"] = vae_metadata(pipe).get("vae_hash") or options.vae
     by_line: dict[str, list[dict]] = {}
     for item in items:
-        by_line.setdefault(str(item.line), []).append(asdict(item))
+        record = asdict(item)
+        if not record["control"]:   # so that folders made before lines took control units still resume
+            record.pop("control")
+        by_line.setdefault(str(item.line), []).append(record)
     lines = {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in by_line.items()}
     return {"prompt_file": prompts.source, "settings": settings, "lines": lines, "images": len(items)}
 
@@ -385,7 +397,8 @@ def _generate(pipe, plan: Plan, out: Path, world: World, quiet: bool) -> tuple[i
                 # a line without a negative prompt is drawn as `ldm generate` without --negative draws it
                 images = pipe([it.prompt for it in items], [it.negative_prompt or None for it in items], first.steps,
                               first.guidance, first.sampler, first.height, first.width,
-                              seed=[it.seed for it in items], progress=False)
+                              seed=[it.seed for it in items], progress=False,
+                              control=line_controls(pipe, first.control) if first.control else None)
             except FloatingPointError as e:
                 lines = ", ".join(str(plan.items[i].line) for i in missing)
                 warnings.warn(f"lines {lines}: {e}; these images were not made")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import warnings
 from pathlib import Path
 
 from ldm import assets
+from ldm.cli.control_options import add_control_arguments, check_control_arguments, control_units
 from ldm.cli.options import (UsageError, add_model_arguments, add_prompt_arguments, add_vae_argument, image_side,
                              number, pipeline_from, positive_int, seed_int)
 
@@ -34,9 +34,7 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", metavar="FILE", help="inpainting mask, white = repaint")
     p.add_argument("--strength", type=number, metavar="S", help="img2img/inpaint strength in [0, 1]")
     p.add_argument("--vae-tiling", action="store_true", help="decode big images tile by tile (bounded memory)")
-    p.add_argument("--control", action="append", type=control_spec, metavar="SPEC",
-                   help="MODEL:IMAGE[:WEIGHT[:START[:END]]] (repeatable)")
-    p.add_argument("--ip-encoder", metavar="DIR", help="an IP-Adapter's CLIP image encoder folder")
+    add_control_arguments(p)
     add_model_arguments(p)
     add_vae_argument(p)
     add_prompt_arguments(p)
@@ -64,13 +62,7 @@ def generate(args) -> int:
     if args.sampler:
         get_sampler(args.sampler)  # unknown names fail here, before the model loads
     outputs = _output_paths(args)
-    for model, image, *_ in args.control or ():   # control files and images, before the model loads
-        from ldm.checkpoints.library import open_library, resolve_file
-        from ldm.pipeline.images import load_image
-
-        if not resolve_file("controlnet", model, open_library(args.models_dir)).exists():
-            raise UsageError(f"--control: {model} does not exist")
-        load_image(image, "--control image")
+    check_control_arguments(args, recorded)   # control files and images (a PNG's units too), before the model loads
     if args.image:  # check the inputs before the model loads
         from ldm.pipeline.images import load_image, load_mask
 
@@ -93,7 +85,7 @@ def generate(args) -> int:
                    spacing=args.spacing or pipe.defaults.get("spacing"), progress=not args.quiet,
                    height=args.height, width=args.width)
     if args.control:
-        options["control"] = _controls(pipe, args)
+        options["control"] = control_units(pipe, args)
     strength = {} if args.strength is None else {"strength": args.strength}
     if args.image and args.mask:
         images = pipe.inpaint(args.prompt, args.image, args.mask, **strength, **options)
@@ -104,37 +96,6 @@ def generate(args) -> int:
     for image, path in zip(images, outputs or _default_paths(args.prompt, images)):
         print(save_png(image, path))
     return 0
-
-
-def control_spec(value: str) -> tuple:
-    """MODEL:IMAGE[:WEIGHT[:START[:END]]] -> (model, image, weight, start, end)."""
-    parts = value.split(":")
-    if len(parts) < 2 or len(parts) > 5 or not all(parts[:2]):
-        raise argparse.ArgumentTypeError(f"expected MODEL:IMAGE[:WEIGHT[:START[:END]]], got {value!r}")
-    try:
-        numbers = [float(x) for x in parts[2:]]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"weight, start and end must be numbers, got {value!r}") from None
-    weight, start, end = (*numbers, *(1.0, 0.0, 1.0)[len(numbers):])
-    if not (math.isfinite(weight) and 0.0 <= start <= end <= 1.0):
-        raise argparse.ArgumentTypeError(f"weight must be finite and 0 <= start <= end <= 1, got {value!r}")
-    return parts[0], parts[1], weight, start, end
-
-
-def _controls(pipe, args) -> list:
-    from ldm.pipeline.control import Control, NeedsImageEncoder
-
-    units = []
-    for model, image, weight, start, end in args.control:
-        try:
-            unit = pipe.load_control(model)
-        except NeedsImageEncoder:
-            if not args.ip_encoder:
-                raise UsageError(f"--control {model}: an IP-Adapter needs --ip-encoder DIR (its CLIP image "
-                                 "encoder folder)") from None
-            unit = pipe.load_control(model, image_encoder=args.ip_encoder)
-        units.append(Control(unit, image, weight, start, end))
-    return units
 
 
 def _fill_from_png(args, recorded) -> None:

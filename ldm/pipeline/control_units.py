@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,18 +198,21 @@ class ControlFiles:
     """The control models of a folder (``--control-dir``): files with a weight suffix and diffusers folders
     (a ``config.json`` beside the weights), named by stem, titled "stem [hash]" as sd-webui-controlnet lists them."""
 
-    def __init__(self, folder: str | Path | None):
-        self.folder = Path(folder) if folder is not None else None
+    def __init__(self, folder: str | Path | None, allow_paths: bool = True):
+        self.folder, self.allow_paths = (Path(folder) if folder is not None else None), allow_paths
         if self.folder is not None and not self.folder.is_dir():
             raise ValueError(f"control folder {str(self.folder)!r} does not exist or is not a folder")
         self._hashes: dict[Path, str] = {}
 
     def paths(self) -> list[Path]:
-        if self.folder is None:
-            return []
-        found = [p for p in self.folder.iterdir() if (p.is_file() and p.suffix.lower() in CONTROL_SUFFIXES)
-                 or (p.is_dir() and (p / "config.json").is_file())]
-        return sorted(found, key=lambda p: p.name.lower())
+        """The folder's control models, then the ones ldm ships (``default-canny``) where present."""
+        from ldm.checkpoints.library.names import BUILT_IN, built_in
+
+        found = [] if self.folder is None else [
+            p for p in self.folder.iterdir() if (p.is_file() and p.suffix.lower() in CONTROL_SUFFIXES)
+            or (p.is_dir() and (p / "config.json").is_file())]
+        shipped = [built_in(kind, name) for kind, name in BUILT_IN if kind == "controlnet"]
+        return sorted(found, key=lambda p: p.name.lower()) + [p for p in shipped if p is not None and p.exists()]
 
     def title(self, path: Path) -> str:
         if path not in self._hashes:
@@ -217,11 +223,14 @@ class ControlFiles:
         return [self.title(p) for p in self.paths()]
 
     def find(self, name: str) -> Path | None:
-        """A model by its stem or file name (any case), its title "stem [hash]", or its hash; else a path that
-        exists; None when nothing matches."""
+        """A path that exists (unless ``allow_paths`` is off: a server names only what it lists), else a model by
+        its stem or file name (any case), its title "stem [hash]", or its hash; None when nothing matches."""
         text = name.strip()
         match = _TITLE.match(text)
         stem, digest = (match.group(1), match.group(2).lower()) if match else (text, None)
+        path = Path(text).expanduser()
+        if self.allow_paths and path.exists():
+            return path
         for path in self.paths():
             if stem.lower() in (path.stem.lower(), path.name.lower()):
                 return path
@@ -229,14 +238,23 @@ class ControlFiles:
             found = [p for p in self.paths() if self.title(p).endswith(f"[{digest}]")]
             if found:
                 return found[0]
-        path = Path(text).expanduser()
-        return path if path.exists() else None
+        return None
 
-    def resolve(self, name: str, where: str = "model") -> Path:
+    def resolve(self, name: str, where: str = "model", library=None) -> Path:
+        """``find``, else a name of the models library (``--models-dir``); a ValueError naming ``where``, the
+        name and what there is, when nothing answers to it."""
         path = self.find(name)
-        if path is None:
+        if path is None and library is not None:
+            from ldm.checkpoints.library import resolve_file
+
+            try:
+                path = resolve_file("controlnet", name, library)
+            except ValueError:
+                path = None
+        if path is None or not path.exists():
             known = ", ".join(p.stem if p.is_file() else p.name for p in self.paths()) or "none"
-            place = f" in {self.folder}" if self.folder is not None else " (give a path, or --control-dir DIR)"
+            place = f" in {self.folder}" if self.folder is not None else \
+                " (give a path, or --control-dir DIR)" if self.allow_paths else " (start the server with --control-dir)"
             raise ValueError(f"{where}: no control model {name!r}{place}; available: {known}")
         return path
 
@@ -252,7 +270,7 @@ class UnitLoader:
     def load(self, name: str | Path, where: str = "model"):
         from ldm.pipeline.control import NeedsImageEncoder
 
-        path = self.files.resolve(str(name), where).resolve()
+        path = self.files.resolve(str(name), where, getattr(self.pipe, "library", None)).resolve()
         if path not in self._loaded:
             try:
                 self._loaded[path] = self.pipe.load_control(path)
@@ -272,3 +290,26 @@ class UnitLoader:
                 raise ValueError(f"{where}[{i}]: no control image (model {spec.model})")
             out.append(spec.control(self.load(spec.model, f"{where}[{i}] model"), image))
         return out
+
+
+_loaders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # pipeline -> its UnitLoader
+_lock = threading.Lock()
+
+
+def loader_for(pipe) -> UnitLoader:
+    """One UnitLoader per pipeline (paths, ``--models-dir`` names and ldm's own), shared by the batch run and the
+    server's workers: each control file is loaded once for it."""
+    with _lock:
+        if pipe not in _loaders:
+            _loaders[pipe] = UnitLoader(pipe)
+        return _loaders[pipe]
+
+
+def line_controls(pipe, units: tuple[str, ...]) -> list:
+    """A prompt-file line's units (canonical JSON, ``ldm.batch.prompt_file``) as Controls for ``pipe``, checked
+    against its U-Net."""
+    from ldm.pipeline.control import check_units
+
+    controls = loader_for(pipe).controls([UnitSpec(**json.loads(u)) for u in units])
+    check_units(pipe, controls)
+    return controls

@@ -22,8 +22,6 @@ import base64
 import dataclasses
 import io
 import json
-import threading
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 from ldm.pipeline.control import MODES, check_units
-from ldm.pipeline.control_units import ControlFiles, UnitLoader, UnitSpec, a1111_hash
+from ldm.pipeline.control_units import ControlFiles, UnitSpec, a1111_hash, loader_for
 from ldm.pipeline.preprocess import MODULES, RESOLUTION, get_module, preprocess, resize_mode
 from ldm.serve.a1111 import decode_image
 from ldm.serve.spec import FieldError, JobSpec
@@ -163,18 +161,6 @@ def _image(value: Any, i: int, init: Image.Image | None) -> Image.Image:
 
 
 # ---------------------------------------------------------------------- the worker's side
-_loaders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # pipeline -> its UnitLoader
-_lock = threading.Lock()
-
-
-def loader_for(pipe) -> UnitLoader:
-    """One UnitLoader per pipeline: each control file is loaded once for it."""
-    with _lock:
-        if pipe not in _loaders:
-            _loaders[pipe] = UnitLoader(pipe)
-        return _loaders[pipe]
-
-
 def controls(pipe, spec: JobSpec, images: list[Image.Image]) -> list:
     """The job's units as Controls for ``pipe`` (the images from the job's stored inputs)."""
     loader = loader_for(pipe)
@@ -258,7 +244,7 @@ def detect(body: Any) -> dict[str, Any]:
 
 def controlnet_routes(app: FastAPI, server, body_reader) -> None:
     """The extension's routes; ``server.control_files``: the models of ``--control-dir``."""
-    files = server.control_files = ControlFiles(getattr(server.settings, "control_dir", None))
+    files = server.control_files = ControlFiles(getattr(server.settings, "control_dir", None), allow_paths=False)
 
     @app.get("/controlnet/version")
     async def version() -> dict[str, Any]:

@@ -128,6 +128,9 @@ def spec_from_job_request(body: Any, pipe) -> JobSpec:
     num, model = record.pop("num", 1), record.pop("model", None)   # model: a --models-dir name (Server.checked)
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise FieldError("num", f"num must be an integer >= 1, got {json.dumps(num)}")
+    if "control" in record:   # a prompt-file key, but its files would be the server's: units come as images
+        raise FieldError("control", "control: the job API takes no control units; send them to /sdapi/v1/txt2img "
+                                    "(alwayson_scripts.controlnet)")
     parsed = parse_prompts((json.dumps(record) + "\n").encode("utf-8"), "request", "jsonl")
     if parsed.errors:
         message = parsed.errors[0].message
