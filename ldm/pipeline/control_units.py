@@ -252,6 +252,8 @@ class ControlFiles:
             except ValueError:
                 path = None
         if path is None or not path.exists():
+            if self.allow_paths and (Path(name).suffix.lower() in CONTROL_SUFFIXES or "/" in name or "\\" in name):
+                raise ValueError(f"{where}: {name} does not exist")
             known = ", ".join(p.stem if p.is_file() else p.name for p in self.paths()) or "none"
             place = f" in {self.folder}" if self.folder is not None else \
                 " (give a path, or --control-dir DIR)" if self.allow_paths else " (start the server with --control-dir)"
