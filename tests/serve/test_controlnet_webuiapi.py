@@ -86,6 +86,16 @@ def test_webuiapi_controlnet_units_draw_what_the_python_api_draws(start_server, 
     np.testing.assert_array_equal(np.asarray(got.image), python_image(pipe, "a house", [control], **DRAW))
     assert "Module: canny, Model: tiny_canny, Weight: 1.0, Resize Mode: Resize and Fill, Processor Res: 512, " \
            "Threshold A: 64.0, Threshold B: 64.0," in got.info["infotexts"][0]
+    # img2img: a unit without an image takes the init image, as the extension does
+    init = photo().resize((32, 32))
+    unit = webuiapi.ControlNetUnit(module="canny", model="tiny_canny", weight=0.7)
+    got = api.img2img(images=[init], prompt="a house", sampler_name="Euler", denoising_strength=0.6,
+                      controlnet_units=[unit], alwayson_scripts={}, **DRAW)
+    control = Control(cn, init, 0.7, module="canny", resize_mode="Resize and Fill", processor_res=512, threshold_a=64,
+                      threshold_b=64)
+    expected = pipe.img2img("a house", init, strength=0.6, steps=4, guidance=5.0, sampler="euler", seed=7,
+                            control=control, progress=False)[0]
+    np.testing.assert_array_equal(np.asarray(got.image), np.asarray(expected))
     detected = api.controlnet_detect([photo()], module="canny", processor_res=64, threshold_a=100, threshold_b=200)
     map_ = detected.images[0]
     assert map_.size == (90, 64) and set(np.unique(np.asarray(map_))) == {0, 255}
@@ -105,7 +115,7 @@ def test_webuiapi_controlnet_units_draw_what_the_python_api_draws(start_server, 
 
     # durable: the job, put back in the queue with its images gone (a kill before drawing), is redrawn the same
     jobs = server.client.get("/ldm/v1/jobs").json()["jobs"]
-    job = [j for j in jobs if j["status"] == "done" and j["api"] == "a1111"][-1]    # the canny one
+    job = [j for j in jobs if j["status"] == "done" and j["api"] == "a1111"][-1]    # img2img with a canny unit
     first = server.client.get(job["images"][0]).content
     server.stop()
     with sqlite3.connect(data / "jobs.sqlite3") as db:
