@@ -45,7 +45,11 @@ def check_control_arguments(args, recorded=None) -> None:
     from ldm.pipeline.images import load_image
 
     files = _files(args)
-    recorded_units = units_from_info(recorded.extra) if recorded is not None and not args.control else []
+    try:
+        recorded_units = units_from_info(recorded.extra) if recorded is not None and not args.control else []
+    except ValueError as e:   # e.g. an A1111 module ldm does not have
+        raise UsageError(f"{args.from_png}: {e} (give --control MODEL:IMAGE to draw with your own control image)") \
+            from None
     if args.control_image and not recorded_units:
         raise UsageError("--control-image goes with --from-png of an image that records ControlNet units (or use "
                          "--control MODEL:IMAGE)")
