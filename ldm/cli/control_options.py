@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from ldm.cli.options import UsageError
 
@@ -26,6 +27,7 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-image", action="append", metavar="FILE",
                    help="--from-png: a recorded unit's image")
     p.add_argument("--ip-encoder", metavar="DIR", help="an IP-Adapter's image encoder")
+    p.add_argument("--depth-model", metavar="DIR", help="module=depth: a transformers depth model")
 
 
 def _files(args):
@@ -44,6 +46,10 @@ def check_control_arguments(args, recorded=None) -> None:
     from ldm.pipeline.control_units import units_from_info
     from ldm.pipeline.images import load_image
 
+    if args.depth_model:   # the depth module's model folder (ldm.pipeline.preprocess.depth)
+        from ldm.pipeline.preprocess import DEPTH_ENV
+
+        os.environ[DEPTH_ENV] = args.depth_model
     files = _files(args)
     try:
         recorded_units = units_from_info(recorded.extra) if recorded is not None and not args.control else []

@@ -10,15 +10,19 @@ module does around it (scripts/preprocessor/legacy/processor.py: ``resize_image_
 so that its short side is the processor resolution (cubic up, area down), padded to a multiple of 64 by
 repeating its edge pixels, detected, and cropped back. ``MODULES`` lists the modules by their A1111 names, with
 their sliders as the extension's ``/controlnet/module_list`` describes them; "none" passes the image through
-(bring your own control image). ``control_image`` is what a ``Control`` with a ``module`` runs: the image fitted
+(bring your own control image); "depth" runs a transformers depth-estimation model from a local folder
+(``depth``; ``$LDM_DEPTH_MODEL``), never a download. ``control_image`` is what a ``Control`` with a ``module`` runs: the image fitted
 to the request's aspect by A1111's resize mode, then the module at its processor resolution.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -61,6 +65,36 @@ def canny(image: Image.Image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> I
     pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
     edges = _cv2().Canny(pixels, low, high)
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2), "RGB")
+
+
+DEPTH_ENV = "LDM_DEPTH_MODEL"   # the depth module's model folder when none is passed
+_estimators: dict[Path, object] = {}
+_estimators_lock = threading.Lock()
+
+
+def depth(image: Image.Image, model_dir: str | os.PathLike | None = None) -> Image.Image:
+    """A depth map of ``image`` by a transformers depth-estimation model from a local folder (DPT / MiDaS, Depth
+    Anything, ...: ``model_dir``, else ``$LDM_DEPTH_MODEL``; nothing is downloaded): transformers' depth-estimation
+    pipeline's map (near is bright), min-max scaled to 0..255, as an RGB image of the image's size."""
+    folder = model_dir or os.environ.get(DEPTH_ENV)
+    if not folder:
+        raise ValueError(f"the depth preprocessor needs a transformers depth-estimation model folder (DPT, Depth "
+                         f"Anything, ...): depth(image, model_dir=DIR), ${DEPTH_ENV}, or ldm generate --depth-model "
+                         "DIR; nothing is downloaded")
+    path = Path(folder).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"depth model folder {str(folder)!r} has no config.json (a transformers model folder)")
+    with _estimators_lock:
+        if path not in _estimators:
+            from transformers import pipeline
+
+            _estimators[path] = pipeline("depth-estimation", model=str(path))
+    return _estimators[path](image.convert("RGB"))["depth"].convert("RGB")
+
+
+def available_modules() -> list[str]:
+    """The modules that can run here (depth only with a model folder in ``$LDM_DEPTH_MODEL``)."""
+    return [name for name in MODULES if name != "depth" or os.environ.get(DEPTH_ENV)]
 
 
 def _at_resolution(image: Image.Image, resolution: int | None, detect: Callable[[Image.Image], Image.Image]):
@@ -108,6 +142,7 @@ MODULES: dict[str, Module] = {
                                                        CANNY_HIGH if b is None else b),
                     (_RESOLUTION_SLIDER, _slider("Canny Low Threshold", CANNY_LOW, 1, 255),
                      _slider("Canny High Threshold", CANNY_HIGH, 1, 255))),
+    "depth": Module("depth", lambda image, a, b: depth(image), (_RESOLUTION_SLIDER,)),
 }
 
 

@@ -30,7 +30,8 @@ from PIL import Image
 
 from ldm.pipeline.control import MODES, check_units
 from ldm.pipeline.control_units import ControlFiles, UnitSpec, a1111_hash, loader_for
-from ldm.pipeline.preprocess import MODULES, RESOLUTION, get_module, preprocess, resize_mode
+from ldm.pipeline.preprocess import (MODULES, RESOLUTION, available_modules, depth, get_module, preprocess,
+                                     resize_mode)
 from ldm.serve.a1111 import decode_image
 from ldm.serve.spec import FieldError, JobSpec
 
@@ -115,6 +116,8 @@ def _unit(unit: dict, i: int, files: ControlFiles, init: Image.Image | None) -> 
             raise FieldError(_field(i, name), f"{_field(i, name)} is not supported by ldm serve")
     try:
         module = get_module(unit.get("module") or "none").name
+        if module not in available_modules():
+            depth(Image.new("RGB", (8, 8)))   # says what the module needs
     except ValueError as e:
         raise FieldError(_field(i, "module"), f"{_field(i, 'module')}: {e}") from None
     model = unit.get("model")
@@ -211,9 +214,9 @@ def _png_base64(image: Image.Image) -> str:
 
 def module_list() -> dict[str, Any]:
     """``GET /controlnet/module_list``: the modules and their sliders (the extension's ``module_detail``)."""
-    return {"module_list": list(MODULES),
-            "module_detail": {name: {"model_free": m.model_free, "sliders": list(m.sliders)}
-                              for name, m in MODULES.items()}}
+    names = available_modules()
+    return {"module_list": names, "module_detail": {name: {"model_free": MODULES[name].model_free,
+                                                           "sliders": list(MODULES[name].sliders)} for name in names}}
 
 
 def detect(body: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.pipeline.preprocess import MODULES, canny, get_module, preprocess
+from ldm.pipeline.preprocess import DEPTH_ENV, MODULES, available_modules, canny, depth, get_module, preprocess
 
 
 def _square(size=64, inner=(16, 48), value=255, background=0) -> Image.Image:
@@ -60,3 +60,28 @@ def test_modules_as_a1111_names_them():
         get_module("hed")
     with pytest.raises(ValueError, match="processor resolution"):
         preprocess("canny", photo, resolution=8)
+
+
+def test_depth_from_a_local_transformers_folder(tmp_path, monkeypatch):
+    """The depth module is transformers' depth-estimation pipeline on a model folder the user has (here a tiny
+    random DPT); without one it says what it needs, and is not listed."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor, pipeline
+
+    config = DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=16,
+                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 8, 8],
+                       fusion_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5])
+    DPTForDepthEstimation(config).save_pretrained(tmp_path)
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    photo = _square(64).resize((56, 40))
+    got = depth(photo, tmp_path)
+    expected = pipeline("depth-estimation", model=str(tmp_path))(photo)["depth"]
+    assert got.mode == "RGB" and got.size == photo.size
+    np.testing.assert_array_equal(np.asarray(got)[..., 0], np.asarray(expected))
+    monkeypatch.delenv(DEPTH_ENV, raising=False)
+    assert "depth" not in available_modules()
+    with pytest.raises(ValueError, match="needs a transformers depth-estimation model folder"):
+        preprocess("depth", photo)
+    monkeypatch.setenv(DEPTH_ENV, str(tmp_path))
+    assert "depth" in available_modules() and preprocess("depth", photo, resolution=64).size == (90, 64)
+    with pytest.raises(ValueError, match="has no config.json"):
+        depth(photo, tmp_path / "nope")
