@@ -6,6 +6,7 @@
   run            the plan (one item per image, fixed batches), resume, processes, the contact sheet
   prompt_file    .txt / .jsonl / .csv prompt files, checked line by line (errors name file:line)
   manifest       the crash-safe manifest (one fsynced JSON line per finished image) and the plan record
+  control_units  control units as text (--control, prompt-file lines, PNG infotext), control folders, loading
 
 Imports: ``ldm.pipeline`` and below, and ``ldm.files``; never ``cli``.
 """

@@ -50,7 +50,7 @@ TXT_OPTIONS = {
     "--l": "guidance", "--guidance": "guidance", "--cfg_scale": "guidance",
     "--steps": "steps",
     "--sampler": "sampler", "--sampler_name": "sampler",
-    "--control": "control",   # repeatable: one control unit each (ldm.pipeline.control_units)
+    "--control": "control",   # repeatable: one control unit each (ldm.batch.control_units)
 }
 # Names other tools use for our keys: suggested when they appear in a .jsonl/.csv file.
 FOREIGN_KEYS = {"negative": "negative_prompt", "cfg_scale": "guidance", "cfg": "guidance", "sampler_name": "sampler",
@@ -387,9 +387,9 @@ def _number(value: Any, key: str) -> float:
 
 
 def _control(value: Any) -> tuple[str, ...]:
-    """A line's control units (``ldm.pipeline.control_units``) as canonical JSON strings (hashable: they are part
+    """A line's control units (``ldm.batch.control_units``) as canonical JSON strings (hashable: they are part
     of an image's settings and of the plan a resumed run is compared with)."""
-    from ldm.pipeline.control_units import units_from_value
+    from ldm.batch.control_units import units_from_value
 
     if isinstance(value, str) and value.lstrip().startswith("["):   # a CSV cell holding a JSON list
         try:

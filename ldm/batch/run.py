@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from ldm.batch import manifest as mf
+from ldm.batch.control_units import line_controls
 from ldm.batch.prompt_file import PromptFile, long_prompts, read_prompt_file
 from ldm.files import check_writable, remove_temporaries, write_atomic
 from ldm.pipeline import load_pipeline
-from ldm.pipeline.control_units import line_controls
 from ldm.pipeline.png_info import JSON_KEY, PARAMETERS_KEY
 from ldm.pipeline.vae_swap import vae_metadata
 from ldm.samplers import get_sampler

@@ -1,5 +1,5 @@
 """The control flags of ``ldm generate``: ``--control`` units, ``--control-dir``, ``--ip-encoder``, and redrawing
-the units a PNG records (``--from-png`` with ``--control-image``). Unit specs: ``ldm.pipeline.control_units``."""
+the units a PNG records (``--from-png`` with ``--control-image``). Unit specs: ``ldm.batch.control_units``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ldm.cli.options import UsageError
 
 def unit_arg(value: str):
     """argparse type of ``--control``: MODEL:IMAGE[:WEIGHT[:START[:END]]][:KEY=VALUE ...]."""
-    from ldm.pipeline.control_units import parse_unit
+    from ldm.batch.control_units import parse_unit
 
     try:
         return parse_unit(value)
@@ -31,7 +31,7 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _files(args):
-    from ldm.pipeline.control_units import ControlFiles
+    from ldm.batch.control_units import ControlFiles
 
     try:
         return ControlFiles(args.control_dir)
@@ -43,7 +43,7 @@ def check_control_arguments(args, recorded=None) -> None:
     """Before the model loads: the PNG's recorded units taken over (when no --control is given), every unit's
     model found and image readable; one UsageError naming what is missing."""
     from ldm.checkpoints.library import open_library
-    from ldm.pipeline.control_units import units_from_info
+    from ldm.batch.control_units import units_from_info
     from ldm.pipeline.images import load_image
 
     if args.depth_model:   # the depth module's model folder (ldm.pipeline.preprocess.depth)
@@ -79,7 +79,7 @@ def check_control_arguments(args, recorded=None) -> None:
 
 def control_units(pipe, args) -> list:
     """The Controls of ``args.control`` for ``pipe`` (each model loaded once)."""
-    from ldm.pipeline.control_units import UnitLoader
+    from ldm.batch.control_units import UnitLoader
 
     try:
         return UnitLoader(pipe, _files(args), args.ip_encoder).controls(args.control, where="--control")

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 from ldm.pipeline.control import MODES, check_units
-from ldm.pipeline.control_units import ControlFiles, UnitSpec, a1111_hash, loader_for
+from ldm.batch.control_units import ControlFiles, UnitSpec, a1111_hash, loader_for
 from ldm.pipeline.preprocess import (MODULES, RESOLUTION, available_modules, depth, get_module, preprocess,
                                      resize_mode)
 from ldm.serve.a1111 import decode_image

@@ -1,5 +1,6 @@
 """Control units as text and data: what ``ldm generate --control``, prompt-file lines, ``--from-png`` and the
-server's A1111 API say about a unit, turned into :class:`~ldm.pipeline.control.Control` objects.
+server's A1111 API say about a unit, turned into :class:`~ldm.pipeline.control.Control` objects (here beside the
+prompt files, the other text that describes requests; ``cli`` and ``serve`` use it).
 
     MODEL:IMAGE[:WEIGHT[:START[:END]]][:KEY=VALUE ...]      e.g. canny.safetensors:photo.jpg:0.8:module=canny
 

@@ -1,4 +1,4 @@
-"""Control units as text (``ldm.pipeline.control_units``), a control folder as sd-webui-controlnet lists it, and
+"""Control units as text (``ldm.batch.control_units``), a control folder as sd-webui-controlnet lists it, and
 ``Control(module=...)``: the preprocessor run inside the pipeline draws what the preprocessed image draws."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 from control_fixtures import tiny_controlnet
 from ldm import Control, Pipeline
 from ldm.pipeline.control import control_info
-from ldm.pipeline.control_units import ControlFiles, UnitSpec, a1111_hash, parse_unit, units_from_info, \
+from ldm.batch.control_units import ControlFiles, UnitSpec, a1111_hash, parse_unit, units_from_info, \
     units_from_value
 from ldm.pipeline.preprocess import control_image
 
