@@ -62,8 +62,10 @@ def test_webuiapi_controlnet_units_draw_what_the_python_api_draws(start_server, 
     data = tmp_path / "data"
     server = start_server("--model", str(model), "--control-dir", str(control_dir), data=data)
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
-    (title,) = api.controlnet_model_list()
+    titles = api.controlnet_model_list()    # the folder's, then ldm's own (default-canny) where shipped
+    title = titles[0]
     assert title.startswith("tiny_canny [") and len(title) == len("tiny_canny [12345678]")
+    assert all(t.startswith("default-canny [") for t in titles[1:])
     assert api.controlnet_module_list()[:2] == ["none", "canny"]
     assert server.client.get("/controlnet/version").json() == {"version": 3}
 
