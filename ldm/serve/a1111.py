@@ -193,7 +193,9 @@ def info(spec: JobSpec, infos: list[GenerationInfo], model: dict[str, Any]) -> s
         "restore_faces": False, "sd_model_name": model["model_name"], "sd_model_hash": model["hash"],
         "sd_vae_name": first.vae if first else None, "sd_vae_hash": first.vae_hash if first else None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": spec.strength,
-        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": [i.to_parameters() for i in infos],
+        "extra_generation_params": {k: v for k, v in (first.extra if first else {}).items()
+                                    if k.startswith("ControlNet ")},   # as sd-webui-controlnet's infotext
+        "index_of_first_image": 0, "infotexts": [i.to_parameters() for i in infos],
         "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": first.clip_skip if first else None,
         "is_using_inpainting_conditioning": spec.mode == "inpaint", "version": "ldm",
     })

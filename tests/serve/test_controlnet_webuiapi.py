@@ -79,6 +79,7 @@ def test_webuiapi_controlnet_units_draw_what_the_python_api_draws(start_server, 
     assert np.abs(expected.astype(int) - python_image(pipe, "a house", **DRAW)).max() > 2   # the unit acts
     assert ("ControlNet 0: \"Module: none, Model: tiny_canny, Weight: 0.8, Resize Mode: Just Resize, Guidance "
             "Start: 0.1, Guidance End: 0.9, Control Mode: My prompt is more important\"") in got.info["infotexts"][0]
+    assert got.info["extra_generation_params"]["ControlNet 0"].startswith("Module: none, Model: tiny_canny")
 
     # the canny module on a photo, with webuiapi's defaults (Resize and Fill, processor_res 512, thresholds 64)
     unit = webuiapi.ControlNetUnit(image=photo(), module="canny", model="tiny_canny")
