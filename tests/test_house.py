@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LDM = ROOT / "ldm"
-MATH = {"schedules", "denoiser", "guidance", "samplers", "losses", "rng", "devices", "files", "assets"}
+MATH = {"schedules", "denoiser", "guidance", "samplers", "losses", "rng", "devices", "files", "pages", "assets"}
 # package -> the ldm packages it may import (the math is open to everyone)
 ALLOWED = {
     "math": set(),

@@ -18,7 +18,7 @@ copy stays. The conversion is a pure reordering of the values, so the plain weig
 (checked before releasing) whenever the module hands it out: `layer.weight`, `parameters()`,
 `named_parameters()`, `state_dict()`, `load_state_dict()`, `.to()` and friends, a forward with autograd or on
 a big map, copying and pickling. Weights that are views of a mapped checkpoint file (safetensors loads them
-so) have their pages handed back to the kernel instead (`_page_out`). A new input shape repacks from a dense
+so) have their pages handed back to the kernel instead (`ldm.pages.page_out`). A new input shape repacks from a dense
 copy made on the fly (oneDNN picks its layout per shape), so one packed copy is alive per layer. The
 Parameter objects stay the same, but a weight reference held across a lean forward and used without going
 through the module finds an empty tensor (an optimizer or EMA step fails on its shape; the values are safe
@@ -38,10 +38,6 @@ convolution to the last; `Conv2d.channels_last = False` keeps NCHW. Values chang
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
-import sys
 import weakref
 
 import torch
@@ -49,38 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ldm.pages import page_out
+
 PACK_MAX_POSITIONS = 1024
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
-MADV_PAGEOUT = 21   # linux/mman.h (Linux >= 5.4): reclaim these pages; their contents are kept
-
-
-@functools.cache
-def _madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-def _page_out(t: torch.Tensor) -> None:
-    """Ask the kernel to drop the resident pages lying wholly inside `t`'s bytes. For memory torch does not own
-    (weights loaded by safetensors are views of the file, mapped privately), dropping the tensor frees nothing:
-    the pages stay resident for as long as the mapping lives. MADV_PAGEOUT only reclaims: clean file pages are
-    read back from the file on the next access, so no value can change, whoever else views these bytes."""
-    madvise = _madvise()
-    if madvise is None or t.device.type != "cpu":
-        return
-    size = mmap.PAGESIZE
-    lo = -(-t.data_ptr() // size) * size
-    hi = (t.data_ptr() + t.numel() * t.element_size()) // size * size
-    if hi > lo:
-        madvise(lo, hi - lo, MADV_PAGEOUT)   # advisory: an old kernel's EINVAL changes nothing
-
-
 def graph_capture() -> bool:
     """True while a compiler or tracer records the network (torch.compile, torch.export, torch.jit.trace, which
     OpenVINO's converter uses): the eager-only fast paths (packed weights, caches, per-row kernels) step aside
@@ -159,7 +127,7 @@ class Conv2d(nn.Conv2d):
         if not (w.is_contiguous() and dense.shape == w.shape and torch.equal(dense, w.detach())):
             return
         if not w.untyped_storage().resizable():   # not torch's own memory, e.g. a mapped checkpoint file
-            _page_out(w)
+            page_out(w)
         with torch.inference_mode(False):    # inference tensors could never take part in autograd again
             # Empty, not merely storage-less: a stale reference used outside the module then fails on shapes
             # (an optimizer or EMA step, a matmul) instead of reading freed memory.

@@ -21,7 +21,8 @@ on disk (`cache_dir()`: $LDM_CACHE_DIR/openvino, default ~/.cache/ldm/openvino) 
 weights' bytes, the module's class and config, the input shapes and the versions of ldm, torch and OpenVINO,
 so a LoRA, another model or another release never reuses a stale graph; a cache entry that does not load is
 deleted and rebuilt. Entries are written to a temporary folder and renamed into place, so two processes that
-share the folder never see half an entry. OpenVINO's own CACHE_DIR keeps the compiled blobs beside it.
+share the folder never see half an entry. Compiled blobs are not cached (OpenVINO's CACHE_DIR): importing one
+peaked higher than compiling the graph (SD 1.5's U-Net: 5.2 against 1.9 GB) and saved no time.
 
 Precision follows the pipeline's dtype: float32 runs OpenVINO in f32 (differences from eager are float
 rounding, ~1e-6), bfloat16 in bf16. Anything unusual (not a CPU, autograd, a non-tensor input, OpenVINO
@@ -44,6 +45,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ldm import pages
 
 # Converting traces the module with torch.jit.trace, which warns that it is deprecated and, when its check run
 # takes ldm's eager fast paths, that the two runs differ by float rounding: noise to a user, never an error.
@@ -213,10 +216,14 @@ class OpenVINONetwork(nn.Module):
         from ldm.models.conv import Conv2d, pack_for_inference, unpack
         from ldm.models.upsample import Upsample
 
-        # The tracer checks its graph against a second eager run, in which a lean convolution would pack and
-        # release the very weight the graph holds: convert with plain weights, lean again afterwards.
+        # The tracer checks its graph against a second, eager run, in which a lean convolution would pack and
+        # release the very weight the graph holds, and any other would keep a packed copy beside its weight (on
+        # SD 1.5 in bf16: 1.6 GB held for nothing): convert with plain weights and packing off, lean afterwards.
         lean = [layer for layer in module.modules() if isinstance(layer, Conv2d) and layer.__dict__.get("_lean")]
         unpack(module)
+        convs = [layer for layer in module.modules() if isinstance(layer, Conv2d)]
+        for layer in convs:
+            layer.prepack = False           # an instance attribute over the class's switch
         for layer in module.modules():
             if isinstance(layer, Upsample) and layer.subpixel:
                 layer._folded()     # folded before tracing: the graph holds the kernel as a constant
@@ -224,6 +231,8 @@ class OpenVINONetwork(nn.Module):
             with torch.no_grad():
                 return ov.convert_model(Float32Interface().eval(), example_input=tuple([*args, *kwargs.values()]))
         finally:
+            for layer in convs:
+                del layer.prepack
             for layer in lean:
                 pack_for_inference(layer)
 
@@ -231,13 +240,16 @@ class OpenVINONetwork(nn.Module):
         return cache_dir() / f"{self.name}-{self._key(signature)}"
 
     def _load_or_convert(self, signature, args, kwargs):
+        """(graph, its weights file): the cached graph of this signature, converted and saved first if there is
+        none, read back from the file so that its weights are mapped; (the converted graph, None) where the
+        cache cannot be written."""
         import openvino as ov
 
         folder = self._folder(signature)
         xml = folder / "model.xml"
         if xml.is_file():
             try:
-                return _core().read_model(str(xml))
+                return _core().read_model(str(xml)), xml.with_suffix(".bin")
             except Exception as error:      # a truncated or corrupt entry: rebuilt, never trusted
                 warnings.warn(f"OpenVINO cache entry {folder} does not load ({error}); rebuilding it",
                               RuntimeWarning, stacklevel=4)
@@ -254,7 +266,9 @@ class OpenVINONetwork(nn.Module):
         except OSError as error:            # a read-only home: run uncached
             warnings.warn(f"cannot write the OpenVINO cache under {folder.parent} ({error}); converting every "
                           "time", RuntimeWarning, stacklevel=4)
-        return model
+            return model, None
+        del model                           # read back: mapped from the file, its pages can be handed back
+        return _core().read_model(str(xml)), xml.with_suffix(".bin")
 
     def _requests(self, signature, args, kwargs) -> list:
         requests = self._compiled.get(signature)
@@ -271,28 +285,31 @@ class OpenVINONetwork(nn.Module):
     def _build(self, signature, args, kwargs, convert: bool = True) -> list:
         if convert:
             with torch.no_grad():
-                model = self._load_or_convert(signature, args, kwargs)
+                model, weights = self._load_or_convert(signature, args, kwargs)
         else:
-            model = _core().read_model(str(self._folder(signature) / "model.xml"))
+            xml = self._folder(signature) / "model.xml"
+            model, weights = _core().read_model(str(xml)), xml.with_suffix(".bin")
         # the converted graph keeps its dimensions open; static shapes let the CPU plugin plan every layer
         shapes = [tuple(v.shape) for v in (*args, *kwargs.values())]
         model.reshape({port: shape for port, shape in zip(model.inputs, shapes)})
         config = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": str(self.threads),
                   "NUM_STREAMS": str(self.streams), "PERFORMANCE_HINT": "THROUGHPUT" if self.streams > 1 else "LATENCY",
-                  "CACHE_DIR": str(cache_dir() / "blobs"), **self.extra_config}
+                  **self.extra_config}
         self._page_out_weights()
-        compiled = _core().compile_model(model, "CPU", config)
+        # OpenVINO maps the graph file's weights: their pages are handed back while it packs them into its own
+        # layout (ldm.pages), so the process never holds the weights twice
+        with pages.released_while(weights) if weights is not None else contextlib.nullcontext():
+            compiled = _core().compile_model(model, "CPU", config)
+            del model
         return [compiled.create_infer_request() for _ in range(self.streams)]
 
     def _page_out_weights(self) -> None:
         """Hand the pages of weights that are views of a mapped checkpoint file back to the kernel before
         OpenVINO makes its own packed copy: the PyTorch module is only read again for a new conversion or the
-        eager fallback, and clean file pages come back from the file when read (ldm.models.conv._page_out)."""
-        from ldm.models.conv import _page_out
-
+        eager fallback, and clean file pages come back from the file when read (ldm.pages.page_out)."""
         for _, p in _parameters(self.module):
             if p.device.type == "cpu" and p.numel() and not p.untyped_storage().resizable():
-                _page_out(p)
+                pages.page_out(p)
 
     # ---------------------------------------------------------------- running
     def _eager(self, *args, **kwargs):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from proc_maps import resident_kb_of_mapping  # noqa: E402
 from ldm.models.conv import Conv2d, map_to_tokens, pack_for_inference, tokens_in, tokens_out, tokens_to_map, unpack
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -231,17 +232,6 @@ def test_pack_for_inference_reaches_nested_layers():
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), plain.state_dict().values()))
 
 
-def _resident_kb_of_mapping(path) -> int:
-    """Resident kB of this process's mappings of the file `path` (/proc/self/smaps)."""
-    total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        if "-" in line.split(" ", 1)[0]:                  # a mapping's header line
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
 def test_lean_layer_with_file_mapped_weights_gives_back_the_pages(tmp_path):
     """safetensors loads weights as views of the mapped file: releasing such a weight must still take its pages
@@ -259,9 +249,9 @@ def test_lean_layer_with_file_mapped_weights_gives_back_the_pages(tmp_path):
     x = torch.randn(1, 512, 4, 4)
     with torch.no_grad():
         conv._plain_weight().sum()                              # the file pages are resident now
-        assert _resident_kb_of_mapping(path) > 8000
+        assert resident_kb_of_mapping(path) > 8000
         torch.testing.assert_close(conv(x), twin(x), rtol=1e-4, atol=1e-4)
-    assert _resident_kb_of_mapping(path) < 100                  # only the pages shared with the bias/header
+    assert resident_kb_of_mapping(path) < 100                  # only the pages shared with the bias/header
     assert torch.equal(conv.state_dict()["weight"], twin.weight)
 
 

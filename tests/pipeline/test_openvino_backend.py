@@ -9,6 +9,7 @@ pytest.importorskip("openvino")
 
 from adapter_files import diffusers_pipeline, ldm_images, peft_lora_file  # noqa: E402
 from ldm import Pipeline  # noqa: E402
+from proc_maps import resident_kb_of_mapping  # noqa: E402
 from ldm.pipeline import openvino_backend as ovb  # noqa: E402
 
 RUN = dict(steps=3, height=32, width=32, progress=False, output_type="np")
@@ -44,6 +45,9 @@ def test_openvino_draws_the_images_pytorch_draws_and_converts_once(sd1_folder, t
         assert np.abs(got - expected).max() < 1 / 255, sampler          # float32 rounding only
     entries = sorted(p.name.split("-")[0] for p in cache.iterdir() if p.name != "blobs")
     assert entries == ["unet", "vae"], entries          # one graph for the U-Net rows, one for the decoder
+    weights = cache.glob("unet-*/model.bin")
+    sizes = {path: path.stat().st_size // 1024 for path in weights}
+    assert all(resident_kb_of_mapping(path) < kb // 4 for path, kb in sizes.items())   # handed back (ldm.pages)
 
     # a new pipeline reads the cached graphs of its default request in the background, meanwhile
     again = Pipeline.from_pretrained(sd1_folder, backend="openvino")
