@@ -10,10 +10,11 @@ the file unchanged, so no value can change, whoever else views these bytes.
 
 `released_while(path)` does it every few tens of milliseconds while a compile reads `path`, and once after,
 so the process never holds both copies at once. Measured on SD 1.5's bf16 U-Net graph (2 threads, AMD EPYC):
-compile peak 3.59 -> 1.94 GB, steady 3.60 -> 1.97 GB, the same compile time, bit-identical outputs. Only
-mappings without write permission are touched, so every page is a clean copy of the file; ldm's OpenVINO
-cache never rewrites a graph file in place (entries are written elsewhere and renamed), so the file under a
-mapping does not change.
+compile peak 3.59 -> 1.94 GB, steady 3.60 -> 1.97 GB, the same compile time, bit-identical outputs. The
+same while the tracer reads a checkpoint's mapped weights. Reclaiming never loses a value: a clean page is
+read back from the file, a page this process changed (copy-on-write) is anonymous memory, which the kernel
+keeps (or swaps); ldm's OpenVINO cache never rewrites a graph file in place (entries are written elsewhere and
+renamed), so the file under a mapping does not change.
 """
 
 from __future__ import annotations
@@ -56,47 +57,59 @@ def page_out(t) -> None:
         madvise(lo, hi - lo, MADV_PAGEOUT)   # advisory: an old kernel's EINVAL changes nothing
 
 
-def _read_only_ranges(path: Path) -> list[tuple[int, int]]:
-    """Address ranges of this process's read-only mappings of `path` (from /proc/self/maps)."""
-    target = str(Path(path).resolve())
-    ranges = []
+def _mappings() -> list[tuple[int, int, str]]:
+    """(start, end, file) of this process's mappings of files (from /proc/self/maps)."""
+    found = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == target and "w" not in fields[1]:
+                if len(fields) == 6 and fields[5].startswith("/"):
                     lo, hi = (int(a, 16) for a in fields[0].split("-"))
-                    ranges.append((lo, hi))
+                    found.append((lo, hi, fields[5].rstrip("\n")))
     except OSError:                 # no procfs: nothing to hand back
         pass
-    return ranges
+    return found
 
 
-def release(path: Path) -> int:
-    """Ask the kernel to reclaim the resident pages of this process's read-only mappings of `path`; returns
-    the bytes advised (0 where the platform has no madvise or the file is not mapped)."""
+def mapped_files(tensors) -> set[Path]:
+    """The files whose mappings hold the bytes of these CPU tensors (weights safetensors loaded as views)."""
+    maps = _mappings()
+    files = set()
+    for t in tensors:
+        if t.device.type == "cpu" and t.numel() and not t.untyped_storage().resizable():
+            ptr = t.data_ptr()
+            files.update(Path(name) for lo, hi, name in maps if lo <= ptr < hi)
+    return files
+
+
+def release(*paths: Path) -> int:
+    """Ask the kernel to reclaim the resident pages of this process's mappings of `paths`; returns the bytes
+    advised (0 where the platform has no madvise or no such file is mapped)."""
     madvise = _madvise()
     if madvise is None:
         return 0
+    targets = {str(Path(p).resolve()) for p in paths}
     advised = 0
-    for lo, hi in _read_only_ranges(path):
-        madvise(lo, hi - lo, MADV_PAGEOUT)
-        advised += hi - lo
+    for lo, hi, name in _mappings():
+        if name in targets:
+            madvise(lo, hi - lo, MADV_PAGEOUT)
+            advised += hi - lo
     return advised
 
 
 @contextlib.contextmanager
-def released_while(path: Path, interval_s: float = INTERVAL_S):
-    """Reclaim `path`'s mapped pages every `interval_s` while the body runs (a compile reading it), and once
-    after it."""
-    if _madvise() is None:
+def released_while(*paths: Path, interval_s: float = INTERVAL_S):
+    """Reclaim the mapped pages of `paths` every `interval_s` while the body runs (a compile or a trace reading
+    them), and once after it."""
+    if _madvise() is None or not paths:
         yield
         return
     stop = threading.Event()
 
     def loop():
         while not stop.wait(interval_s):
-            release(path)
+            release(*paths)
 
     thread = threading.Thread(target=loop, name="ldm-release-pages", daemon=True)
     thread.start()
@@ -105,4 +118,4 @@ def released_while(path: Path, interval_s: float = INTERVAL_S):
     finally:
         stop.set()
         thread.join()
-        release(path)
+        release(*paths)

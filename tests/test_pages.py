@@ -34,14 +34,26 @@ def test_release_hands_back_a_read_only_mapping_and_the_values_come_back(tmp_pat
         del mapped
 
 
-def test_a_writable_mapping_is_never_touched(tmp_path):
+def test_a_page_changed_in_a_private_mapping_keeps_its_value(tmp_path):
     path, values, f, view = _mapped(tmp_path, mb=4)
     view.close()
-    f.close()
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as view:
-        view[:4] = b"\0\0\0\0"                          # a change that exists only in this mapping's pages
-        assert pages.release(path) == 0
+    with f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as view:
+        view[:4] = b"\0\0\0\0"                          # copy-on-write: exists only in this mapping's page
+        assert pages.release(path) >= 4 * 2**20
         assert view[:4] == b"\0\0\0\0"
+        assert view[4:8] == values[1:2].tobytes()
+    assert open(path, "rb").read(4) == values[:1].tobytes()   # the file itself never changed
+
+
+def test_mapped_files_finds_the_checkpoint_behind_safetensors_weights(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(256, 256)}, str(path))
+    loaded = load_file(str(path))
+    assert pages.mapped_files(loaded.values()) == {path.resolve()}
+    assert pages.mapped_files([torch.randn(4)]) == set()
 
 
 def test_released_while_keeps_a_reading_loop_under_the_file_size(tmp_path):

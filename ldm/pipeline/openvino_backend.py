@@ -128,14 +128,22 @@ def weights_state(module: nn.Module) -> tuple:
 
 
 def weights_digest(module: nn.Module) -> str:
-    """BLAKE2 digest of every parameter's and buffer's name, dtype, shape and bytes."""
+    """BLAKE2 digest of every parameter's and buffer's name, dtype, shape and bytes. Weights that are views of
+    a mapped checkpoint file are paged out again once read (ldm.pages), so hashing leaves none resident."""
     _restore_released(module)
     h = hashlib.blake2b(digest_size=20)
     for name, p in _parameters(module):
         t = p.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b"")
+        if _file_mapped(p):
+            pages.page_out(p)
     return h.hexdigest()
+
+
+def _file_mapped(p: torch.Tensor) -> bool:
+    """A CPU tensor whose bytes torch does not own: a view of a mapped file (safetensors loads so)."""
+    return p.device.type == "cpu" and p.numel() > 0 and not p.untyped_storage().resizable()
 
 
 class OpenVINONetwork(nn.Module):
@@ -227,8 +235,10 @@ class OpenVINONetwork(nn.Module):
         for layer in module.modules():
             if isinstance(layer, Upsample) and layer.subpixel:
                 layer._folded()     # folded before tracing: the graph holds the kernel as a constant
+        # weights that are views of the checkpoint file are handed back while the tracer reads them (ldm.pages)
+        checkpoint = pages.mapped_files(p for _, p in _parameters(module))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), pages.released_while(*checkpoint):
                 return ov.convert_model(Float32Interface().eval(), example_input=tuple([*args, *kwargs.values()]))
         finally:
             for layer in convs:
@@ -308,7 +318,7 @@ class OpenVINONetwork(nn.Module):
         OpenVINO makes its own packed copy: the PyTorch module is only read again for a new conversion or the
         eager fallback, and clean file pages come back from the file when read (ldm.pages.page_out)."""
         for _, p in _parameters(self.module):
-            if p.device.type == "cpu" and p.numel() and not p.untyped_storage().resizable():
+            if _file_mapped(p):
                 pages.page_out(p)
 
     # ---------------------------------------------------------------- running
