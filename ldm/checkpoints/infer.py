@@ -284,7 +284,17 @@ def infer_unet(path, shapes: dict, family: str, hints: Hints, pooled: int | None
         # diffusers' SD 2.1 (768-v) config upcasts attention: in fp16 its softmax overflows otherwise.
         "upcast_attention": family == "sd2" and v_model,
         **_added_embedding(path, s, family, pooled),
+        **_guidance_embedding(s),
     }
+
+
+def _guidance_embedding(s: _Shapes) -> dict:
+    """An LCM-distilled U-Net (LCM_Dreamshaper_v7 and its kind) projects the guidance's w-embedding into the time
+    embedding: diffusers' ``time_embedding.cond_proj``, which the diffusers -> original converter
+    (scripts/convert_diffusers_to_original_stable_diffusion.py) leaves under its diffusers name (no table renames
+    it): ``model.diffusion_model.time_embedding.cond_proj.weight``, (time width, w-embedding width)."""
+    key = "time_embedding.cond_proj.weight"
+    return {"time_cond_proj_dim": s[key][1]} if key in s else {}
 
 
 def infer_vae(path, shapes: dict, unet: dict, hints: Hints, family: str = "sd1") -> dict:

@@ -102,7 +102,9 @@ def test_align_your_steps_follows_the_model_family(pipes, monkeypatch):
     assert req.spacing == "ays_sdxl" and ours.sigmas(req).tolist() == ours.schedule.sigmas_for(7, "ays_sdxl").tolist()
 
 
-def test_an_lcm_distilled_unet_takes_the_guidance_embedded_as_diffusers_does(sd1_folder, tmp_path):
+@pytest.fixture(scope="module")
+def lcm(sd1_folder, tmp_path_factory):
+    """(diffusers' LatentConsistencyModelPipeline, its saved folder): the tiny model with an LCM-distilled U-Net."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     base = StableDiffusionPipeline.from_pretrained(sd1_folder)
@@ -116,8 +118,14 @@ def test_an_lcm_distilled_unet_takes_the_guidance_embedded_as_diffusers_does(sd1
                                             safety_checker=None, feature_extractor=None,
                                             requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
-    theirs.save_pretrained(tmp_path / "lcm")
-    ours = Pipeline.from_pretrained(tmp_path / "lcm")
+    folder = tmp_path_factory.mktemp("lcm") / "lcm"
+    theirs.save_pretrained(folder)
+    return theirs, folder
+
+
+def test_an_lcm_distilled_unet_takes_the_guidance_embedded_as_diffusers_does(lcm):
+    theirs, folder = lcm
+    ours = Pipeline.from_pretrained(folder)
     assert ours.unet.config.time_cond_proj_dim == 32
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     got = {}
@@ -128,3 +136,26 @@ def test_an_lcm_distilled_unet_takes_the_guidance_embedded_as_diffusers_does(sd1
                                     height=16, width=16, output_type="np", progress=False)
         assert np.abs(got[steps, guidance] - expected).max() <= 2 / 255, (steps, guidance)
     assert np.abs(got[4, 1.5] - got[4, 8.0]).max() > 0.01          # one U-Net call a step, the guidance embedded
+
+
+def test_an_lcm_distilled_single_file_loads_with_its_guidance_embedding(lcm, tmp_path):
+    """An original-layout file of an LCM model (LCM_Dreamshaper_v7's single files) holds the w-embedding projection
+    as ``model.diffusion_model.time_embedding.cond_proj.weight``; without ldm's metadata its width is read from
+    that key, and the file draws as the folder."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm.checkpoints import save_single_file
+
+    folder_pipe = Pipeline.from_pretrained(lcm[1])
+    save_single_file(folder_pipe.components, tmp_path / "lcm.safetensors")
+    tensors = load_file(str(tmp_path / "lcm.safetensors"))
+    assert tensors["model.diffusion_model.time_embedding.cond_proj.weight"].shape[1] == 32     # (time width, w width)
+    save_file(tensors, str(tmp_path / "bare.safetensors"))           # no ldm metadata: the config is inferred
+    single = Pipeline.from_pretrained(tmp_path / "bare.safetensors")
+    assert single.unet.config.time_cond_proj_dim == 32
+    run = dict(steps=4, guidance=4.0, sampler="lcm", seed=3, height=16, width=16, output_type="np", progress=False)
+    assert np.abs(single(PROMPT, **run) - folder_pipe(PROMPT, **run)).max() <= 1e-5
+    del tensors["model.diffusion_model.time_embedding.cond_proj.weight"]
+    save_file(tensors, str(tmp_path / "plain.safetensors"))          # the same file as a plain SD 1.x U-Net
+    plain = Pipeline.from_pretrained(tmp_path / "plain.safetensors")
+    assert plain.unet.config.time_cond_proj_dim is None
