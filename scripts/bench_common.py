@@ -35,6 +35,18 @@ SD15_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_l
                      timestep_spacing="leading", prediction_type="epsilon")
 
 
+# A tiny model with SD's shapes where they matter to a VAE swap (4 latent channels, downscale 8): smoke tests only.
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+                block_out_channels=[8, 8, 16, 16], norm_num_groups=4,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
+
+
 def default_configs() -> tuple[dict, dict, dict, dict]:
     """(unet, vae, text, schedule) of the shipped default model, from configs/default.yaml's model section."""
     cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
@@ -58,11 +70,13 @@ def configs(model: str) -> tuple[dict, dict, dict, dict]:
         return SD15_UNET, SD15_VAE, SD15_TEXT, SD15_SCHEDULE
     if model == "default":
         return default_configs()
-    raise ValueError(f"unknown model {model!r} (sd15 or default; sdxl: make_sdxl_folder)")
+    if model == "tiny":
+        return TINY_UNET, TINY_VAE, TINY_TEXT, SD15_SCHEDULE
+    raise ValueError(f"unknown model {model!r} (sd15, default or tiny; sdxl: make_sdxl_folder)")
 
 
 def make_folder(model: str, folder: Path, seed: int = 0, reuse: bool = False, dtype=torch.float32) -> Path:
-    """Build ``model`` ("default", "sd15" or "sdxl") with random (seeded) weights in diffusers/transformers
+    """Build ``model`` ("default", "sd15", "tiny" or "sdxl") with random (seeded) weights in diffusers/transformers
     classes; save it as a folder. With ``reuse``, a folder already complete (model_index.json is written last)
     is taken as it is."""
     if reuse and (Path(folder) / "model_index.json").is_file():
