@@ -1,13 +1,13 @@
 """Few-step text-to-image on the CPU: LCM 4 steps, guidance 1, SD VAE vs TAESD, ldm vs diffusers, same weights.
 
-    PYTHONPATH=. python scripts/bench_few_steps.py --keep /tmp/bench_few --threads 16       # the docs row: SD 1.5, 512²
+    PYTHONPATH=. python scripts/bench_few_steps.py --keep /tmp/bench_few --threads 2        # the docs row: SD 1.5, 512²
     PYTHONPATH=. python scripts/bench_few_steps.py --settings ldm-taesd diffusers-taesd --repeats 5
     PYTHONPATH=. python scripts/bench_few_steps.py --model tiny --size 64 --repeats 1    # smoke test: seconds
 
 The issue 35 "Speed" row of docs/benchmarks.md: SD 1.5's architecture with random weights (scripts/bench_common.py,
 ``make_folder("sd15")``; ``--keep`` builds it once and reuses it), 512x512, LCM sampler at 4 steps, guidance 1
 (no classifier-free batch: one U-Net call a step), batch 1, decoded by the model's SD VAE or by TAESD (a
-random-weight diffusers ``AutoencoderTiny`` -- TAESD's architecture -- saved beside the model as ``taesd/``).
+random-weight diffusers ``AutoencoderTiny`` -- TAESD's architecture -- saved beside the model as ``<model>-taesd/``).
 
 - diffusers: ``StableDiffusionPipeline`` from the folder in float32 with ``LCMScheduler.from_config`` of the
   folder's scheduler, ``guidance_scale=1.0``; TAESD by ``pipe.vae = AutoencoderTiny.from_pretrained(taesd)``.
