@@ -16,7 +16,8 @@ from ldm.cli.options import (UsageError, add_model_arguments, add_prompt_argumen
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.usage = "%(prog)s PROMPT [-o FILE] [options]    or    %(prog)s --from-png FILE [options]"
-    p.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
+    # the usage line names PROMPT (optional with --from-png): no "positional arguments" section for it
+    p.add_argument("prompt", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: from prompt and seed)")
     p.add_argument("--negative", metavar="TEXT", help="negative prompt")
     p.add_argument("--seed", type=seed_int, metavar="N", help="seed of the first image (default: random)")

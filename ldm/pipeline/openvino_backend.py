@@ -10,7 +10,10 @@ between the operators: measured on ldm's default U-Net at 16×16 latents, 2 thre
 as two batch-1 calls run side by side on one thread each (docs/benchmarks.md).
 
 How the rows run: every call of a compiled network sees exactly one row (batch 1, static shape), and the rows
-of a batch run as parallel requests, one per stream (`streams` = 2 on 2+ threads, each with half the threads).
+of a batch run as parallel requests, one per stream (`streams` = 2 on 2+ threads, each with half the threads)
+for maps under ROW_STREAMS_MAX_POSITIONS; larger maps split well over threads (SD 1.5 at 256²: a CFG pair
+costs the same either way), so there one stream takes every thread, and a lone row (guidance 1, LCM, a
+distilled model: no classifier-free batch) is not left with half the cores.
 Small convolutions do not split well over threads; two independent rows do. It also makes batch invariance
 exact by construction: a row's arithmetic is that of the one compiled batch-1 graph, whatever its batch mates.
 
@@ -36,6 +39,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -56,6 +60,8 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is dep
 BACKENDS = ("auto", "torch", "openvino")
 ENV_BACKEND = "LDM_BACKEND"     # overrides backend="auto" (e.g. LDM_BACKEND=torch)
 ENV_CACHE = "LDM_CACHE_DIR"
+# a row's latent positions (H·W) from which one stream with every thread serves it better than parallel rows
+ROW_STREAMS_MAX_POSITIONS = 32 * 32
 
 
 def available() -> bool:
@@ -302,8 +308,9 @@ class OpenVINONetwork(nn.Module):
         # the converted graph keeps its dimensions open; static shapes let the CPU plugin plan every layer
         shapes = [tuple(v.shape) for v in (*args, *kwargs.values())]
         model.reshape({port: shape for port, shape in zip(model.inputs, shapes)})
+        streams = self.streams if math.prod(shapes[0][2:]) < ROW_STREAMS_MAX_POSITIONS else 1
         config = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": str(self.threads),
-                  "NUM_STREAMS": str(self.streams), "PERFORMANCE_HINT": "THROUGHPUT" if self.streams > 1 else "LATENCY",
+                  "NUM_STREAMS": str(streams), "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
                   **self.extra_config}
         self._page_out_weights()
         # OpenVINO maps the graph file's weights: their pages are handed back while it packs them into its own
@@ -311,7 +318,7 @@ class OpenVINONetwork(nn.Module):
         with pages.released_while(weights) if weights is not None else contextlib.nullcontext():
             compiled = _core().compile_model(model, "CPU", config)
             del model
-        return [compiled.create_infer_request() for _ in range(self.streams)]
+        return [compiled.create_infer_request() for _ in range(streams)]
 
     def _page_out_weights(self) -> None:
         """Hand the pages of weights that are views of a mapped checkpoint file back to the kernel before

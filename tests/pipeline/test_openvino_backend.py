@@ -79,6 +79,24 @@ def test_an_image_is_bitwise_the_same_alone_and_in_a_batch(sd1_folder):
         assert np.abs(batch[1] - batch[0]).max() > 0.01
 
 
+def test_large_maps_run_on_one_stream_with_every_thread(sd1_folder, torch_pipe, monkeypatch):
+    """From ROW_STREAMS_MAX_POSITIONS latent positions a row gets one stream with all the threads (a lone row
+    without a classifier-free batch would otherwise run on half the cores); the images stay PyTorch's."""
+    monkeypatch.setattr(ovb, "ROW_STREAMS_MAX_POSITIONS", 16)         # RUN's 32x32 images: 4x4 latents
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pipe = Pipeline.from_pretrained(sd1_folder, backend="openvino")
+    finally:
+        torch.set_num_threads(previous)
+    assert pipe._network.streams == 2
+    for guidance in (7.5, 1.0):
+        got = pipe(PROMPTS[:2], seed=3, guidance=guidance, **RUN)
+        expected = torch_pipe(PROMPTS[:2], seed=3, guidance=guidance, **RUN)
+        assert np.abs(got - expected).max() < 1 / 255
+    assert [len(requests) for requests in pipe._network._compiled.values()] == [1]
+
+
 def test_a_lora_reaches_the_compiled_graph_and_leaves_it_when_removed(sd1_folder, tmp_path):
     reference = diffusers_pipeline(sd1_folder)
     lora, _ = peft_lora_file(reference, tmp_path)
