@@ -43,6 +43,11 @@ def _madvise():
     return fn
 
 
+def file_mapped(t) -> bool:
+    """A CPU tensor whose bytes torch does not own: a view of a mapped file (safetensors loads weights so)."""
+    return t.device.type == "cpu" and t.numel() > 0 and not t.untyped_storage().resizable()
+
+
 def page_out(t) -> None:
     """Ask the kernel to drop the resident pages lying wholly inside tensor `t`'s bytes. For memory torch does
     not own (a view of a mapped file), dropping the tensor frees nothing: the pages stay resident for as long
@@ -77,7 +82,7 @@ def mapped_files(tensors) -> set[Path]:
     maps = _mappings()
     files = set()
     for t in tensors:
-        if t.device.type == "cpu" and t.numel() and not t.untyped_storage().resizable():
+        if file_mapped(t):
             ptr = t.data_ptr()
             files.update(Path(name) for lo, hi, name in maps if lo <= ptr < hi)
     return files

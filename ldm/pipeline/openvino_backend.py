@@ -142,14 +142,10 @@ def weights_digest(module: nn.Module) -> str:
         t = p.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b"")
-        if _file_mapped(p):
+        if pages.file_mapped(p):
             pages.page_out(p)
     return h.hexdigest()
 
-
-def _file_mapped(p: torch.Tensor) -> bool:
-    """A CPU tensor whose bytes torch does not own: a view of a mapped file (safetensors loads so)."""
-    return p.device.type == "cpu" and p.numel() > 0 and not p.untyped_storage().resizable()
 
 
 class OpenVINONetwork(nn.Module):
@@ -325,7 +321,7 @@ class OpenVINONetwork(nn.Module):
         OpenVINO makes its own packed copy: the PyTorch module is only read again for a new conversion or the
         eager fallback, and clean file pages come back from the file when read (ldm.pages.page_out)."""
         for _, p in _parameters(self.module):
-            if _file_mapped(p):
+            if pages.file_mapped(p):
                 pages.page_out(p)
 
     # ---------------------------------------------------------------- running
